@@ -1,0 +1,170 @@
+"""Parameter importance: the diagonal Fisher and its label-free cousins (SPEC.md section 1).
+
+Importance is carried as a sum plus a count (`ImportanceSums`) so that partial results from
+shards, workers or halves of a data set combine exactly by addition; the mean is taken only
+at the end. Sums are accumulated in float64 so that the order of additions (one process vs
+several workers) changes the result by far less than 1e-6 relative.
+
+kind      per-batch loss L_b                 accumulated per batch (or per sample)
+fisher    mean CE(f(x), y)                   (dL_b/dtheta)^2
+l2        mean ||f(x)||_2^2                  |dL_b/dtheta|
+l2_norm   mean ||f(x)||_2                    |dL_b/dtheta|
+
+mode `batch` is the papers' reference: one gradient per mini-batch, mean over batches.
+mode `per_sample` is exact: one gradient per sample (torch.func.vmap), mean over samples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+from unlearning.errors import UserError
+
+KINDS = ("fisher", "l2", "l2_norm")
+MODES = ("batch", "per_sample")
+
+
+def _loss(kind: str, logits: Tensor, labels: Tensor) -> Tensor:
+    if kind == "fisher":
+        return F.cross_entropy(logits, labels)
+    if kind == "l2":
+        return logits.pow(2).sum(dim=1).mean()
+    return logits.norm(p=2, dim=1).mean()
+
+
+def _accumulate(kind: str, gradient: Tensor) -> Tensor:
+    return gradient.pow(2) if kind == "fisher" else gradient.abs()
+
+
+@dataclass
+class ImportanceSums:
+    """Sum of per-batch (or per-sample) importance and how many terms it holds."""
+
+    sums: dict[str, Tensor]
+    count: int
+    kind: str
+    mode: str
+    num_samples: int = 0
+    batch_size: int | None = None
+    meta: dict = field(default_factory=dict)
+
+    def __add__(self, other: ImportanceSums) -> ImportanceSums:
+        if (self.kind, self.mode) != (other.kind, other.mode):
+            raise ValueError("cannot add importances of different kind or mode")
+        if self.sums.keys() != other.sums.keys():
+            raise ValueError("cannot add importances over different parameters")
+        return ImportanceSums(
+            sums={name: self.sums[name] + other.sums[name] for name in self.sums},
+            count=self.count + other.count,
+            kind=self.kind,
+            mode=self.mode,
+            num_samples=self.num_samples + other.num_samples,
+            batch_size=self.batch_size,
+        )
+
+    def mean(self) -> dict[str, Tensor]:
+        """The importance itself: sums divided by the count, as float32."""
+        if self.count == 0:
+            raise UserError("importance over an empty data set: no batches were seen")
+        return {name: (total / self.count).float() for name, total in self.sums.items()}
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, Tensor]:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def empty_sums(model: nn.Module, kind: str, mode: str, batch_size: int | None = None) -> ImportanceSums:
+    sums = {
+        name: torch.zeros_like(p, dtype=torch.float64)
+        for name, p in trainable_parameters(model).items()
+    }
+    return ImportanceSums(sums=sums, count=0, kind=kind, mode=mode, batch_size=batch_size)
+
+
+def _check(kind: str, mode: str) -> None:
+    if kind not in KINDS:
+        raise UserError(f"importance kind {kind!r} is not one of {', '.join(KINDS)}")
+    if mode not in MODES:
+        raise UserError(f"importance mode {mode!r} is not one of {', '.join(MODES)}")
+
+
+def compute_importance_sums(
+    model: nn.Module,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    kind: str = "fisher",
+    mode: str = "batch",
+    device: torch.device | str | None = None,
+    per_sample_chunk: int = 64,
+    on_batch: Callable[[int], None] | None = None,
+) -> ImportanceSums:
+    """Partial importance over `batches` as (sum, count); the model is left as it was.
+
+    The model is put in eval mode for the pass (BatchNorm uses running statistics) and its
+    training flag is restored afterwards; gradients are taken with autograd.grad / torch.func,
+    so no `.grad` attribute of the model is touched.
+    """
+    _check(kind, mode)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        result = empty_sums(model, kind, mode)
+        result.sums = {name: s.to(device) for name, s in result.sums.items()}
+        step = _batch_step if mode == "batch" else _per_sample_step
+        for inputs, labels in batches:
+            inputs, labels = inputs.to(device), labels.to(device).long()
+            if len(inputs) == 0:
+                continue
+            step(model, kind, inputs, labels, result, per_sample_chunk)
+            result.num_samples += len(inputs)
+            if result.batch_size is None:
+                result.batch_size = len(inputs)
+            if on_batch is not None:
+                on_batch(len(inputs))
+        result.sums = {name: s.cpu() for name, s in result.sums.items()}
+        return result
+    finally:
+        model.train(was_training)
+
+
+def _batch_step(model, kind, inputs, labels, result, _chunk) -> None:
+    params = trainable_parameters(model)
+    loss = _loss(kind, model(inputs), labels)
+    grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+    for name, gradient in zip(params, grads):
+        if gradient is not None:
+            result.sums[name] += _accumulate(kind, gradient).double()
+    result.count += 1
+
+
+def _per_sample_step(model, kind, inputs, labels, result, chunk) -> None:
+    params = {name: p.detach() for name, p in trainable_parameters(model).items()}
+    buffers = dict(model.named_buffers())
+
+    def one_sample_loss(parameters, x, y):
+        logits = functional_call(model, (parameters, buffers), (x.unsqueeze(0),))
+        return _loss(kind, logits, y.unsqueeze(0))
+
+    per_sample_grad = vmap(grad(one_sample_loss), in_dims=(None, 0, 0))
+    for start in range(0, len(inputs), chunk):
+        grads = per_sample_grad(params, inputs[start : start + chunk], labels[start : start + chunk])
+        for name, gradient in grads.items():
+            result.sums[name] += _accumulate(kind, gradient).double().sum(dim=0)
+    result.count += len(inputs)
+
+
+def compute_importance(
+    model: nn.Module,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    kind: str = "fisher",
+    mode: str = "batch",
+    device: torch.device | str | None = None,
+) -> dict[str, Tensor]:
+    """Importance of every trainable parameter over `batches`: {parameter name: tensor}."""
+    return compute_importance_sums(model, batches, kind=kind, mode=mode, device=device).mean()

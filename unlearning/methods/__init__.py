@@ -1,0 +1,145 @@
+"""Unlearning methods, found by name.
+
+A method is a function `fn(task: UnlearningTask, **params) -> MethodOutput`, registered with
+`@register_method("name", **defaults)`. Adding one is one file here plus its registration
+(see docs/adding-a-method.md). The input model is never modified.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from unlearning.data import Dataset, ForgetSet, Split
+from unlearning.errors import UserError
+from unlearning.importance import compute_importance_sums
+from unlearning.metrics import accuracy
+from unlearning.training import TrainConfig
+
+
+@dataclass
+class MethodOutput:
+    model: nn.Module
+    params: dict  # the parameters actually used (e.g. the alpha a search chose)
+    details: dict = field(default_factory=dict)  # e.g. the search path
+
+
+@dataclass
+class UnlearningTask:
+    """Everything a method may use for one deletion request.
+
+    `full_importance` is I^D from an importance store when there is one; otherwise it is
+    computed over the training split on first use. Importances are cached by (which, kind).
+    """
+
+    model: nn.Module
+    dataset: Dataset
+    forget: ForgetSet
+    retain_split: Split
+    forget_split: Split
+    normalize: dict | None
+    importance_mode: str = "per_sample"
+    batch_size: int = 64
+    shuffle_batches: bool = True
+    seed: int = 0
+    device: str = "cpu"
+    train_config: TrainConfig | None = None
+    full_importance: dict[str, Tensor] | None = None
+    full_importance_kind: str | None = None
+    rho: float | None = None  # poison requests: target = rho * original forget accuracy
+    progress: Callable[[str, int], None] | None = None
+    cache: dict = field(default_factory=dict)
+
+    @property
+    def forget_fraction(self) -> float:
+        return len(self.forget_split) / (len(self.forget_split) + len(self.retain_split))
+
+    def batches(self, split: Split):
+        return split.batches(
+            self.batch_size, shuffle=self.shuffle_batches, seed=self.seed, normalize=self.normalize
+        )
+
+    def importance(self, which: str, kind: str) -> dict[str, Tensor]:
+        """I over `which` in {"full", "retain", "forget"} of importance kind `kind`, cached."""
+        key = (which, kind)
+        if key in self.cache:
+            return self.cache[key]
+        if which == "full" and self.full_importance is not None and self.full_importance_kind == kind:
+            result = self.full_importance
+        elif which == "retain" and self.full_importance is not None and self.full_importance_kind == kind:
+            result = self._retain_from_full(kind)
+        else:
+            split = {
+                "full": self.dataset.train,
+                "retain": self.retain_split,
+                "forget": self.forget_split,
+            }[which]
+            sums = compute_importance_sums(
+                self.model, self.batches(split), kind=kind, mode=self.importance_mode, device=self.device
+            )
+            result = sums.mean()
+        self.cache[key] = result
+        return result
+
+    def _retain_from_full(self, kind: str) -> dict[str, Tensor]:
+        """I^{D_r} from a stored I^D: exact in per_sample mode, (N I^D - N_f I^f) / N_r."""
+        n_forget, n_retain = len(self.forget_split), len(self.retain_split)
+        forget = self.importance("forget", kind)
+        return {
+            name: ((full * (n_forget + n_retain) - forget[name] * n_forget) / n_retain).clamp_min(0)
+            for name, full in self.full_importance.items()
+        }
+
+    def original_accuracy(self, which: str) -> float:
+        key = ("accuracy", which)
+        if key not in self.cache:
+            split = {"forget": self.forget_split, "test": self.dataset.test}[which]
+            self.cache[key] = accuracy(self.model, split, self.normalize)
+        return self.cache[key]
+
+    def forget_accuracy(self, model: nn.Module) -> float:
+        return accuracy(model, self.forget_split, self.normalize)
+
+
+@dataclass
+class Method:
+    name: str
+    fn: Callable[..., MethodOutput]
+    defaults: dict
+    summary: str
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(name: str, **defaults):
+    def decorator(fn):
+        summary = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
+        METHODS[name] = Method(name, fn, defaults, summary)
+        return fn
+
+    return decorator
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise UserError(f"unknown method {name!r}; known: {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+def run_method(name: str, task: UnlearningTask, **params) -> MethodOutput:
+    method = get_method(name)
+    unknown = sorted(set(params) - set(method.defaults))
+    if unknown:
+        raise UserError(f"method {name!r} has no parameter {unknown[0]!r}; it takes {sorted(method.defaults)}")
+    merged = {**method.defaults, **{k: v for k, v in params.items() if v is not None}}
+    with torch.random.fork_rng():
+        torch.manual_seed(task.seed)
+        return method.fn(task, **merged)
+
+
+# Registration happens on import of each method module.
+from unlearning.methods import baselines, jit, ssd_family  # noqa: E402,F401

@@ -1,0 +1,103 @@
+"""The baselines of the SSD paper's comparisons (SPEC.md section 8)."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+
+from unlearning.checkpoint import model_meta, new_model
+from unlearning.data import Split
+from unlearning.errors import UserError
+from unlearning.methods import MethodOutput, UnlearningTask, register_method
+from unlearning.training import TrainConfig, train
+
+
+@register_method("retrain", epochs=None)
+def retrain_method(task: UnlearningTask, epochs: int | None) -> MethodOutput:
+    """Retrain from scratch on D_r with the original recipe (the gold standard)."""
+    if task.train_config is None:
+        raise UserError("retrain needs the original training recipe; the checkpoint has none")
+    meta = model_meta(task.model)
+    config = task.train_config if epochs is None else replace(task.train_config, epochs=epochs)
+    model = new_model(
+        meta["arch"], meta["num_classes"], tuple(meta["input_shape"]), meta.get("normalize"),
+        seed=config.seed, **meta.get("arch_args", {}),
+    )
+    train(model, task.retain_split, config, task.normalize, device=task.device)
+    return MethodOutput(model.cpu(), {"epochs": config.epochs, "seed": config.seed})
+
+
+@register_method("finetune", epochs=5, lr=0.02)
+def finetune_method(task: UnlearningTask, epochs: int, lr: float) -> MethodOutput:
+    """Fine-tune on D_r only (SGD, momentum 0.9) and let the forget set fade."""
+    model = copy.deepcopy(task.model)
+    config = TrainConfig(epochs=epochs, batch_size=task.batch_size, lr=lr, schedule="constant", seed=task.seed)
+    train(model, task.retain_split, config, task.normalize, device=task.device)
+    return MethodOutput(model.cpu(), {"epochs": epochs, "lr": lr})
+
+
+@register_method("amnesiac", epochs=3, lr=1e-4)
+def amnesiac_method(task: UnlearningTask, epochs: int, lr: float) -> MethodOutput:
+    """Relabel D_f with random wrong labels, train on it mixed with D_r (Adam)."""
+    generator = torch.Generator().manual_seed(task.seed)
+    num_classes = task.dataset.num_classes
+    forget = task.forget_split
+    shift = torch.randint(1, num_classes, (len(forget),), generator=generator)
+    wrong = Split(forget.ids, forget.inputs, (forget.labels + shift) % num_classes)
+    mixed = Split(
+        torch.cat([task.retain_split.ids, wrong.ids]),
+        torch.cat([task.retain_split.inputs, wrong.inputs]),
+        torch.cat([task.retain_split.labels, wrong.labels]),
+    )
+    model = copy.deepcopy(task.model)
+    config = TrainConfig(
+        epochs=epochs, batch_size=128, lr=lr, optimizer="adam", weight_decay=0.0,
+        schedule="constant", seed=task.seed,
+    )
+    train(model, mixed, config, task.normalize, device=task.device)
+    return MethodOutput(model.cpu(), {"epochs": epochs, "lr": lr})
+
+
+@register_method("bad_teacher", epochs=1, lr=1e-4, retain_share=0.3, temperature=1.0)
+def bad_teacher_method(
+    task: UnlearningTask, epochs: int, lr: float, retain_share: float, temperature: float
+) -> MethodOutput:
+    """Distil from the original on 30 % of D_r and from a random network on D_f (KL, Adam)."""
+    meta = model_meta(task.model)
+    generator = torch.Generator().manual_seed(task.seed)
+    competent = copy.deepcopy(task.model).to(task.device).eval()
+    incompetent = new_model(
+        meta["arch"], meta["num_classes"], tuple(meta["input_shape"]), seed=task.seed + 1,
+        **meta.get("arch_args", {}),
+    ).to(task.device).eval()
+    retain = task.retain_split
+    chosen = torch.randperm(len(retain), generator=generator)[: int(retain_share * len(retain))]
+    kept = retain.subset(chosen)
+    forget = task.forget_split
+    # label 1 = "forget": follow the incompetent teacher; 0 = "retain": the competent one.
+    data = Split(
+        torch.cat([kept.ids, forget.ids]),
+        torch.cat([kept.inputs, forget.inputs]),
+        torch.cat([torch.zeros(len(kept), dtype=torch.int64), torch.ones(len(forget), dtype=torch.int64)]),
+    )
+    student = copy.deepcopy(task.model).to(task.device).train()
+    optimizer = torch.optim.Adam(student.parameters(), lr=lr)
+    for epoch in range(epochs):
+        batches = data.batches(256, shuffle=True, seed=task.seed + epoch, normalize=task.normalize)
+        for inputs, is_forget in batches:
+            inputs, is_forget = inputs.to(task.device), is_forget.to(task.device).bool()
+            with torch.no_grad():
+                teacher = torch.where(is_forget.view(-1, 1), incompetent(inputs), competent(inputs))
+            loss = F.kl_div(
+                F.log_softmax(student(inputs) / temperature, dim=1),
+                F.softmax(teacher / temperature, dim=1),
+                reduction="batchmean",
+            )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    student.eval()
+    return MethodOutput(student.cpu(), {"epochs": epochs, "lr": lr, "retain_share": retain_share})

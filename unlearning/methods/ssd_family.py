@@ -1,0 +1,92 @@
+"""SSD, LFSSD, ASSD, Potion and the PTN-style search (SPEC.md sections 2-5)."""
+
+from __future__ import annotations
+
+from unlearning.dampening import adaptive_alpha, check_strengths, ssd
+from unlearning.errors import UserError
+from unlearning.methods import MethodOutput, UnlearningTask, register_method
+from unlearning.search import forget_target, ptn_schedule, sequential_search
+
+
+def _fixed(task: UnlearningTask, kind: str, reference: str, alpha: float, lam: float) -> MethodOutput:
+    check_strengths(alpha, lam)
+    full = task.importance(reference, kind)
+    forget = task.importance("forget", kind)
+    return MethodOutput(ssd(task.model, full, forget, alpha, lam), {"alpha": alpha, "lambda": lam, "kind": kind})
+
+
+def _adaptive(task: UnlearningTask, kind: str, lam: float) -> MethodOutput:
+    full = task.importance("retain", kind)
+    forget = task.importance("forget", kind)
+    alpha = adaptive_alpha(full, forget, task.forget_fraction)
+    output = _fixed(task, kind, "retain", alpha, lam)
+    output.details["forget_fraction"] = task.forget_fraction
+    return output
+
+
+@register_method("ssd", alpha=10.0, lam=1.0)
+def ssd_method(task: UnlearningTask, alpha: float, lam: float) -> MethodOutput:
+    """Selective Synaptic Dampening with fixed alpha, lambda (Fisher importance over D)."""
+    return _fixed(task, "fisher", "full", alpha, lam)
+
+
+@register_method("lfssd", alpha=10.0, lam=1.0)
+def lfssd_method(task: UnlearningTask, alpha: float, lam: float) -> MethodOutput:
+    """Loss-free SSD: label-free l2 importance, fixed alpha, lambda."""
+    return _fixed(task, "l2", "full", alpha, lam)
+
+
+@register_method("assd", lam=1.0)
+def assd_method(task: UnlearningTask, lam: float) -> MethodOutput:
+    """Adaptive SSD: alpha from the ratio percentile p = 100 - ln(1 + 100 s), I^D on D_r."""
+    return _adaptive(task, "fisher", lam)
+
+
+@register_method("potion", lam=1.0)
+def potion_method(task: UnlearningTask, lam: float) -> MethodOutput:
+    """Outlier-resistant SSD: l2-norm importance, adaptive alpha, I^D on D_r."""
+    return _adaptive(task, "l2_norm", lam)
+
+
+@register_method(
+    "ptn", kind="fisher", reference="full", target=None, rho=None, growth=1.1, max_steps=500
+)
+def ptn_method(
+    task: UnlearningTask,
+    kind: str,
+    reference: str,
+    target: float | None,
+    rho: float | None,
+    growth: float,
+    max_steps: int,
+) -> MethodOutput:
+    """PTN-style search: the least aggressive dampening that brings D_f accuracy to the target."""
+    if reference not in ("full", "retain"):
+        raise UserError(f"ptn reference must be 'full' or 'retain', got {reference!r}")
+    rho = rho if rho is not None else task.rho
+    if target is None:
+        target = forget_target(
+            task.forget.kind,
+            original_test_acc=task.original_accuracy("test"),
+            original_forget_acc=task.original_accuracy("forget") if rho is not None else None,
+            rho=rho,
+        )
+    full = task.importance(reference, kind)
+    forget = task.importance("forget", kind)
+    schedule = ptn_schedule(full, forget, task.forget_fraction, growth=growth, max_steps=max_steps)
+    on_step = None
+    if task.progress is not None:
+        def on_step(step, acc):  # noqa: E306 - a one-line progress hook
+            task.progress("search step", 1)
+    result = sequential_search(task.model, full, forget, schedule, task.forget_accuracy, target, on_step)
+    chosen = result.step or result.path[-1][0]
+    output = _fixed(task, kind, reference, chosen.alpha, chosen.lam)
+    output.params.update({"target": target, "rho": rho, "reference": reference, "step": chosen.index})
+    output.details.update(
+        {
+            "reached": result.reached,
+            "schedule_length": len(schedule),
+            "path": [{**step.to_dict(), "forget_acc": acc} for step, acc in result.path],
+        }
+    )
+    return output

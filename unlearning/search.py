@@ -1,0 +1,155 @@
+"""The PTN-style search (SPEC.md section 5, generalised) over cached importances.
+
+The schedule walks from the least aggressive dampening towards more aggressive ones:
+
+1. alpha phase (lambda = 1): s_k = s_0 * growth^k with s_0 = |D_f| / N / 25,
+   p_k = 100 - ln(1 + 100 s_k), alpha_k = percentile_{p_k}(I^f / I^D), while alpha_k > 1
+   (every alpha <= lambda = 1 dampens exactly what alpha = 1 dampens) and k < max_steps;
+2. lambda phase (alpha = 1): lambda_j = growth^-j down to `min_lambda`, for requests that
+   the alpha phase alone cannot bring to the target.
+
+Steps with the same (alpha, lambda) as an earlier step are dropped (they would give the same
+model). The answer is the first step whose forget-set accuracy is <= the target. Every step
+depends only on the original model and the two importances, so steps can be evaluated in any
+order or in parallel; `first_meeting` picks the same answer as the sequential loop.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor, nn
+
+from unlearning.dampening import adaptive_percentile, dampen_, importance_ratios, lerp
+from unlearning.errors import UserError
+
+
+@dataclass(frozen=True)
+class Step:
+    index: int
+    alpha: float
+    lam: float
+    s: float | None = None
+    percentile: float | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class SearchResult:
+    step: Step | None  # the least aggressive step that meets the target; None if none does
+    target: float
+    path: list[tuple[Step, float]]  # (step, forget accuracy) for every evaluated step
+
+    @property
+    def reached(self) -> bool:
+        return self.step is not None
+
+
+def percentile_of_sorted(sorted_values: Tensor, q: float) -> float:
+    n = sorted_values.numel()
+    position = (n - 1) * (q / 100.0)  # numpy: virtual index = (n - 1) * quantile
+    lower = math.floor(position)
+    upper = min(lower + 1, n - 1)
+    return lerp(float(sorted_values[lower]), float(sorted_values[upper]), position - lower)
+
+
+def ptn_schedule(
+    full_importance: dict[str, Tensor],
+    forget_importance: dict[str, Tensor],
+    forget_fraction: float,
+    growth: float = 1.1,
+    max_steps: int = 500,
+    min_lambda: float = 1e-3,
+    lambda_phase: bool = True,
+) -> list[Step]:
+    ratios = importance_ratios(full_importance, forget_importance)
+    if ratios.numel() == 0:
+        raise UserError("no finite importance ratios: the forget-set importance is all zero")
+    sorted_ratios = torch.sort(ratios).values
+    adaptive_percentile(forget_fraction)  # validates the fraction
+    steps: list[Step] = []
+    seen: set[tuple[float, float]] = set()
+
+    def add(alpha: float, lam: float, s: float | None = None, p: float | None = None) -> None:
+        if (alpha, lam) not in seen:
+            seen.add((alpha, lam))
+            steps.append(Step(len(steps), alpha, lam, s, p))
+
+    s = forget_fraction / 25.0
+    for _ in range(max_steps):
+        p = max(0.0, 100.0 - math.log(1.0 + 100.0 * s))
+        alpha = percentile_of_sorted(sorted_ratios, p)
+        if alpha <= 1.0:
+            break
+        add(alpha, 1.0, s, p)
+        s *= growth
+    if lambda_phase:
+        lam = 1.0
+        while lam >= min_lambda:
+            add(1.0, lam)
+            lam /= growth
+    return steps
+
+
+def dampened_copy(model: nn.Module, full_importance, forget_importance, step: Step) -> nn.Module:
+    new_model = copy.deepcopy(model)
+    dampen_(new_model, full_importance, forget_importance, step.alpha, step.lam)
+    return new_model
+
+
+def first_meeting(results: list[tuple[Step, float]], target: float) -> Step | None:
+    """The lowest-index step whose accuracy is <= target (results may be in any order)."""
+    meeting = [step for step, acc in results if acc <= target]
+    return min(meeting, key=lambda step: step.index) if meeting else None
+
+
+def sequential_search(
+    model: nn.Module,
+    full_importance: dict[str, Tensor],
+    forget_importance: dict[str, Tensor],
+    schedule: list[Step],
+    forget_accuracy: Callable[[nn.Module], float],
+    target: float,
+    on_step: Callable[[Step, float], None] | None = None,
+) -> SearchResult:
+    """The reference loop: evaluate steps in order, stop at the first that meets the target."""
+    path: list[tuple[Step, float]] = []
+    for step in schedule:
+        acc = forget_accuracy(dampened_copy(model, full_importance, forget_importance, step))
+        path.append((step, acc))
+        if on_step is not None:
+            on_step(step, acc)
+        if acc <= target:
+            return SearchResult(step, target, path)
+    return SearchResult(None, target, path)
+
+
+def forget_target(
+    request_kind: str,
+    original_test_acc: float | None = None,
+    original_forget_acc: float | None = None,
+    rho: float | None = None,
+) -> float:
+    """What retraining would give, per kind of request (issue 2 / SPEC.md section 5).
+
+    whole class or sub-class -> near 0 (CLASS_TARGET); random samples -> the model's accuracy
+    on data it never saw (its test accuracy); poison -> rho * A_0 on the poison labels.
+    """
+    if rho is not None:
+        if original_forget_acc is None:
+            raise ValueError("a rho target needs the original forget-set accuracy")
+        return rho * original_forget_acc
+    if request_kind in ("class", "subclass"):
+        return CLASS_TARGET
+    if original_test_acc is None:
+        raise ValueError("a random-sample target needs the original test accuracy")
+    return original_test_acc
+
+
+CLASS_TARGET = 0.01
