@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -57,7 +56,7 @@ def atomic_directory(out: str | os.PathLike):
         raise
 
 
-def _write_json(path: Path, data: dict) -> None:
+def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
@@ -133,12 +132,20 @@ def model_fingerprint(model: nn.Module) -> str:
 
 def save_model(model: nn.Module, path: str | os.PathLike, extra: dict | None = None) -> str:
     """Write `model` as a checkpoint directory at `path` (must not exist); returns fingerprint."""
+    with atomic_directory(path) as staging:
+        return write_model_files(model, staging, extra)
+
+
+def write_model_files(model: nn.Module, directory: Path, extra: dict | None = None) -> str:
+    """model.safetensors + model.json into an existing (staging) directory; returns fingerprint."""
+    if not all_finite(model):
+        raise UserError("refusing to save a model with non-finite weights")
     state = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
     meta = {**model_meta(model), **(extra or {})}
+    meta.pop("parent_fingerprint", None)
     meta["fingerprint"] = fingerprint(state)
-    with atomic_directory(path) as staging:
-        save_file(state, str(staging / MODEL_WEIGHTS))
-        _write_json(staging / MODEL_META, meta)
+    save_file(state, str(Path(directory) / MODEL_WEIGHTS))
+    write_json(Path(directory) / MODEL_META, meta)
     return meta["fingerprint"]
 
 
@@ -197,7 +204,7 @@ def save_importance(
     }
     with atomic_directory(path) as staging:
         save_file({n: t.contiguous().float() for n, t in mean.items()}, str(staging / STORE_WEIGHTS))
-        _write_json(staging / STORE_META, meta)
+        write_json(staging / STORE_META, meta)
     return meta
 
 
@@ -227,5 +234,17 @@ def all_finite(model: nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
-def is_finite_number(value) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a file via a temporary sibling and a rename; refuses to replace an existing file."""
+    path = Path(path)
+    if path.exists():
+        raise UserError(f"{path} already exists; choose a new output path (nothing is overwritten)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, staging = tempfile.mkstemp(prefix=f".{path.name}.partial-", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w") as file:
+            file.write(text)
+        os.rename(staging, path)
+    except BaseException:
+        Path(staging).unlink(missing_ok=True)
+        raise

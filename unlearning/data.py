@@ -362,7 +362,7 @@ def read_id_file(path: Path) -> Tensor:
             except ValueError:
                 raise UserError(f"{path}:{number}: {line!r} is not an integer id") from None
         values = np.asarray(values, dtype=np.int64)
-    return torch.unique(torch.from_numpy(values))
+    return torch.unique(torch.tensor(values, dtype=torch.int64))
 
 
 def split_forget(dataset: Dataset, forget: ForgetSet) -> tuple[Split, Split]:

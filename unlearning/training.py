@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from unlearning.data import Split, normalize_batch
+from unlearning.data import Split
 
 
 @dataclass
@@ -95,7 +95,8 @@ def fit(
             if scheduler is not None and scheduler.last_epoch < scheduler.total_steps:
                 scheduler.step()
             if on_step is not None:
-                on_step(len(inputs), float(loss))
+                on_step(len(inputs), loss.item())
+    optimizer.zero_grad(set_to_none=True)  # a trained model carries no stale .grad
     model.eval()
     return model
 

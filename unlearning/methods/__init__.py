@@ -7,6 +7,7 @@ A method is a function `fn(task: UnlearningTask, **params) -> MethodOutput`, reg
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -52,6 +53,7 @@ class UnlearningTask:
     rho: float | None = None  # poison requests: target = rho * original forget accuracy
     progress: Callable[[str, int], None] | None = None
     cache: dict = field(default_factory=dict)
+    importance_seconds: float = 0.0  # time spent computing importances (reported apart)
 
     @property
     def forget_fraction(self) -> float:
@@ -67,6 +69,7 @@ class UnlearningTask:
         key = (which, kind)
         if key in self.cache:
             return self.cache[key]
+        started = time.perf_counter()
         if which == "full" and self.full_importance is not None and self.full_importance_kind == kind:
             result = self.full_importance
         elif which == "retain" and self.full_importance is not None and self.full_importance_kind == kind:
@@ -82,6 +85,8 @@ class UnlearningTask:
             )
             result = sums.mean()
         self.cache[key] = result
+        if which != "retain" or self.full_importance is None:
+            self.importance_seconds += time.perf_counter() - started
         return result
 
     def _retain_from_full(self, kind: str) -> dict[str, Tensor]:

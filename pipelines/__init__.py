@@ -1,0 +1,1 @@
+"""Amnesis' orchestration layer: Ray, MLflow and the `unlearn` command line."""

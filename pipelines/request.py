@@ -1,0 +1,172 @@
+"""One deletion request, start to finish: load, unlearn, evaluate, write the run directory.
+
+The run directory (DESIGN.md, files) holds the new checkpoint, `report.json` and the forget
+manifest `forget_ids.txt`; it appears atomically and never replaces an existing path.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import unlearning
+from unlearning.checkpoint import atomic_directory, model_meta, write_json, write_model_files
+from unlearning.data import Dataset, ForgetSet, split_forget
+from unlearning.errors import UserError
+from unlearning.evaluation import evaluate_model
+from unlearning.methods import MethodOutput, UnlearningTask
+from unlearning.training import TrainConfig
+
+DEFAULT_METHOD = "ptn"
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass
+class ForgetOptions:
+    method: str = DEFAULT_METHOD
+    params: dict = field(default_factory=dict)
+    importance_store: str | None = None
+    mode: str = "per_sample"
+    batch_size: int = 64
+    seed: int = 0
+    device: str = field(default_factory=default_device)
+    rho: float | None = None
+
+
+@dataclass
+class PreparedRequest:
+    model: torch.nn.Module
+    dataset: Dataset
+    forget: ForgetSet
+    task: UnlearningTask
+    store_meta: dict | None
+
+
+def prepare_request(model_path: str, data_spec: str, forget_spec: str, options: ForgetOptions) -> PreparedRequest:
+    unlearning.get_method(options.method)  # unknown names fail before any loading
+    model = unlearning.load_model(model_path)
+    dataset = unlearning.load_dataset(data_spec)
+    meta = model_meta(model)
+    if meta["num_classes"] != dataset.num_classes or tuple(meta["input_shape"]) != dataset.input_shape:
+        raise UserError(
+            f"model {model_path} expects {meta['num_classes']} classes of shape {tuple(meta['input_shape'])}, "
+            f"data {data_spec} has {dataset.num_classes} of shape {dataset.input_shape}"
+        )
+    forget = unlearning.parse_forget(forget_spec, dataset, seed=options.seed)
+    retain_split, forget_split = split_forget(dataset, forget)
+    full_importance, store_meta, store_kind = None, None, None
+    if options.importance_store:
+        full_importance, store_meta = unlearning.load_importance(options.importance_store, model)
+        store_kind = store_meta.get("kind")
+        if store_meta.get("dataset_fingerprint") not in (None, dataset.fingerprint):
+            raise UserError(
+                f"importance store {options.importance_store} was computed on another data set "
+                f"({store_meta.get('dataset_fingerprint')}), not {data_spec} ({dataset.fingerprint})"
+            )
+    recipe = meta.get("train_config")
+    task = UnlearningTask(
+        model=model.to(options.device),
+        dataset=dataset,
+        forget=forget,
+        retain_split=retain_split,
+        forget_split=forget_split,
+        normalize=meta.get("normalize"),
+        importance_mode=options.mode,
+        batch_size=options.batch_size,
+        seed=options.seed,
+        device=options.device,
+        train_config=TrainConfig(**recipe) if recipe else None,
+        full_importance=full_importance,
+        full_importance_kind=store_kind,
+        rho=options.rho,
+    )
+    return PreparedRequest(model, dataset, forget, task, store_meta)
+
+
+def run_method_timed(prepared: PreparedRequest, method: str, params: dict) -> tuple[MethodOutput, dict]:
+    task = prepared.task
+    before = task.importance_seconds
+    started = time.perf_counter()
+    output = unlearning.run_method(method, task, **params)
+    total = time.perf_counter() - started
+    importance = task.importance_seconds - before
+    return output, {"importance": importance, "unlearn": total - importance}
+
+
+def build_report(
+    prepared: PreparedRequest,
+    method: str,
+    output: MethodOutput,
+    seconds: dict,
+    data_spec: str,
+    original_metrics: dict | None = None,
+) -> dict:
+    task = prepared.task
+    model = output.model.to(task.device)
+    metrics = evaluate_model(model, prepared.dataset, prepared.forget, task.normalize)
+    if original_metrics is None:
+        original_metrics = evaluate_model(task.model, prepared.dataset, prepared.forget, task.normalize)
+    parent = model_meta(task.model)
+    return {
+        "method": method,
+        "params": output.params,
+        "details": output.details,
+        "metrics": metrics,
+        "original_metrics": original_metrics,
+        "seconds": {**seconds, "total": seconds["importance"] + seconds["unlearn"]},
+        "forget": {
+            "spec": prepared.forget.spec,
+            "kind": prepared.forget.kind,
+            "size": len(prepared.forget.ids),
+            "classes": prepared.forget.classes,
+            "manifest_hash": prepared.forget.manifest_hash(),
+            "forget_fraction": task.forget_fraction,
+        },
+        "importance": {
+            "mode": task.importance_mode,
+            "batch_size": task.batch_size,
+            "store": prepared.store_meta,
+        },
+        "data": {"spec": data_spec, "fingerprint": prepared.dataset.fingerprint},
+        "parent": {"fingerprint": parent.get("parent_fingerprint")},
+        "mlflow": None,
+    }
+
+
+def write_run(out: str | Path, model: torch.nn.Module, report: dict, forget: ForgetSet) -> Path:
+    """The run directory: checkpoint + report.json + forget_ids.txt, all or nothing."""
+    parent = model_meta(model)
+    lineage_root = parent.get("lineage_root") or parent.get("parent_fingerprint")
+    extra = {
+        "lineage_root": lineage_root,
+        "parent": parent.get("parent_fingerprint"),
+        "unlearning": {
+            "method": report["method"],
+            "forget_manifest_hash": report["forget"]["manifest_hash"],
+            "forget_size": report["forget"]["size"],
+        },
+    }
+    with atomic_directory(out) as staging:
+        report["fingerprint"] = write_model_files(model.cpu(), staging, extra)
+        (staging / "forget_ids.txt").write_text("".join(f"{i}\n" for i in forget.ids.tolist()))
+        write_json(staging / "report.json", report)
+    return Path(out)
+
+
+def run_forget(
+    model_path: str, data_spec: str, forget_spec: str, out: str, options: ForgetOptions
+) -> dict:
+    """The one-process deletion request: returns the report written to `out/report.json`."""
+    if Path(out).exists():
+        raise UserError(f"{out} already exists; choose a new output path (nothing is overwritten)")
+    prepared = prepare_request(model_path, data_spec, forget_spec, options)
+    output, seconds = run_method_timed(prepared, options.method, options.params)
+    report = build_report(prepared, options.method, output, seconds, data_spec)
+    write_run(out, output.model, report, prepared.forget)
+    return report

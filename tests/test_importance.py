@@ -1,0 +1,131 @@
+"""Importance (SPEC.md section 1) checked against values computed by hand."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_state_equal, state_copy
+from torch import nn
+
+import unlearning
+from unlearning.importance import compute_importance_sums
+
+
+def tiny_linear() -> nn.Linear:
+    layer = nn.Linear(2, 2)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[0.5, -1.0], [2.0, 0.25]]))
+        layer.bias.copy_(torch.tensor([0.1, -0.2]))
+    return layer
+
+
+X = torch.tensor([[1.0, 2.0], [-1.0, 0.5], [3.0, -2.0]])
+Y = torch.tensor([0, 1, 1])
+
+
+def hand_gradients(kind: str, x: torch.Tensor, y: torch.Tensor):
+    """Gradient of the batch-mean loss of `kind` for tiny_linear, written out by hand."""
+    layer = tiny_linear()
+    z = x @ layer.weight.detach().T + layer.bias.detach()
+    if kind == "fisher":  # d CE / dz = softmax - onehot
+        dz = torch.softmax(z, dim=1) - torch.nn.functional.one_hot(y, 2).float()
+    elif kind == "l2":  # d ||z||^2 / dz = 2 z
+        dz = 2 * z
+    else:  # d ||z|| / dz = z / ||z||
+        dz = z / z.norm(dim=1, keepdim=True)
+    dz = dz / len(x)
+    return {"weight": dz.T @ x, "bias": dz.sum(dim=0)}
+
+
+@pytest.mark.parametrize("kind", ["fisher", "l2", "l2_norm"])
+def test_batch_mode_matches_hand_computation(kind):
+    batches = [(X[:2], Y[:2]), (X[2:], Y[2:])]
+    expected = {}
+    for x, y in batches:
+        for name, g in hand_gradients(kind, x, y).items():
+            term = g.pow(2) if kind == "fisher" else g.abs()
+            expected[name] = expected.get(name, 0) + term / len(batches)  # mean over batches
+    got = unlearning.compute_importance(tiny_linear(), batches, kind=kind, mode="batch")
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", ["fisher", "l2", "l2_norm"])
+def test_per_sample_mode_matches_hand_computation(kind):
+    expected = {}
+    for i in range(len(X)):
+        for name, g in hand_gradients(kind, X[i : i + 1], Y[i : i + 1]).items():
+            term = g.pow(2) if kind == "fisher" else g.abs()
+            expected[name] = expected.get(name, 0) + term / len(X)  # mean over samples
+    got = unlearning.compute_importance(tiny_linear(), [(X, Y)], kind=kind, mode="per_sample")
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", ["fisher", "l2", "l2_norm"])
+def test_per_sample_equals_batch_mode_with_batch_size_one(digits, digits_model, kind):
+    split = digits.train.subset(torch.arange(40))
+    norm = digits.normalization()
+    per_sample = unlearning.compute_importance(
+        digits_model, split.batches(16, normalize=norm), kind=kind, mode="per_sample"
+    )
+    batch_one = unlearning.compute_importance(
+        digits_model, split.batches(1, normalize=norm), kind=kind, mode="batch"
+    )
+    for name in per_sample:  # float32 gradients by two routes: equal to rounding
+        scale = float(batch_one[name].abs().max())
+        torch.testing.assert_close(per_sample[name], batch_one[name], rtol=1e-4, atol=1e-6 * scale)
+
+
+@pytest.mark.parametrize("mode", ["per_sample", "batch"])
+def test_sums_of_two_halves_equal_the_whole(digits, digits_model, mode):
+    norm = digits.normalization()
+    split = digits.train.subset(torch.arange(128))
+    whole = compute_importance_sums(digits_model, split.batches(32, normalize=norm), mode=mode)
+    first = compute_importance_sums(digits_model, split.subset(torch.arange(64)).batches(32, normalize=norm), mode=mode)
+    second = compute_importance_sums(
+        digits_model, split.subset(torch.arange(64, 128)).batches(32, normalize=norm), mode=mode
+    )
+    combined = first + second
+    assert combined.count == whole.count == (128 if mode == "per_sample" else 4)
+    assert combined.num_samples == 128
+    for name, value in whole.mean().items():
+        torch.testing.assert_close(combined.mean()[name], value, rtol=1e-6, atol=0)
+
+
+def test_importance_covers_every_trainable_parameter_and_leaves_model_untouched(digits, digits_model):
+    before = state_copy(digits_model)
+    digits_model.train()
+    importance = unlearning.compute_importance(
+        digits_model, digits.train.subset(torch.arange(32)).batches(16, normalize=digits.normalization())
+    )
+    assert digits_model.training, "training flag must be restored"
+    digits_model.eval()
+    assert set(importance) == {n for n, p in digits_model.named_parameters() if p.requires_grad}
+    assert all(p.grad is None for p in digits_model.parameters())
+    assert_state_equal(digits_model, before)
+    assert all(float(v.sum()) > 0 for v in importance.values())
+
+
+def test_batchnorm_uses_running_statistics():
+    """In eval mode a BatchNorm model's importance of one batch equals that of its halves' union."""
+    torch.manual_seed(0)
+    model = unlearning.new_model("resnet_small", 10, (3, 32, 32), width=4)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    whole = unlearning.compute_importance(model, [(x, y)], mode="per_sample")
+    halves = compute_importance_sums(model, [(x[:4], y[:4])], mode="per_sample") + compute_importance_sums(
+        model, [(x[4:], y[4:])], mode="per_sample"
+    )
+    for name, value in whole.items():
+        torch.testing.assert_close(halves.mean()[name], value, rtol=1e-5, atol=1e-12)
+    assert any("running_mean" in n for n, _ in model.named_buffers())
+
+
+def test_empty_data_is_refused(digits_model):
+    with pytest.raises(unlearning.UserError, match="empty"):
+        unlearning.compute_importance(digits_model, [])
+
+
+def test_unknown_kind_is_refused(digits_model):
+    with pytest.raises(unlearning.UserError, match="kind"):
+        unlearning.compute_importance(digits_model, [], kind="hessian")
