@@ -110,6 +110,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_forget(args) -> int:
+    from pipelines.progress import StepProgress
     from pipelines.request import ForgetOptions, run_forget
     from pipelines.summary import print_report
 
@@ -118,6 +119,8 @@ def cmd_forget(args) -> int:
         params["alpha"] = args.alpha
     if args.lam is not None:
         params["lam"] = args.lam
+    if args.search and (params or args.method != "ptn"):
+        raise UserError("--search chooses alpha and lambda itself; drop --method, --alpha, --lambda and --param")
     options = ForgetOptions(
         method=args.method,
         params=params,
@@ -126,6 +129,9 @@ def cmd_forget(args) -> int:
         batch_size=args.batch_size,
         seed=args.seed,
         rho=args.rho,
+        search=args.search,
+        track=not args.no_track,
+        model_name=args.model_name,
     )
     if not args.importance:
         print(
@@ -133,8 +139,34 @@ def cmd_forget(args) -> int:
             "`unlearn importance` once makes every later request cheaper",
             file=sys.stderr,
         )
-    report = run_forget(args.model, args.data, args.forget, args.out, options)
+    with StepProgress("search steps", disable=args.quiet) as progress:
+        report = run_forget(args.model, args.data, args.forget, args.out, options, progress=progress.on_result)
     print_report(report, args.out)
+    return 0
+
+
+def cmd_history(args) -> int:
+    from pipelines.tracking import history, tracking_uri
+
+    rows = history(args.model_name)
+    if not rows:
+        raise UserError(f"model {args.model_name!r} has no versions at {tracking_uri()}")
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'version':>7}  {'parent':>6}  {'role':<10} {'method':<8} {'removed':>7}  forget set")
+    for row in rows:
+        mark = " @current" if row["current"] else ""
+        print(
+            f"{row['version']:>7}  {row['parent_version'] or '-':>6}  {row['role']:<10} {row['method'] or '-':<8} "
+            f"{row['forget_size']:>7}  {row['forget_spec'] or '-'}{mark}"
+        )
+    if args.ids:
+        from pipelines.tracking import removed_ids
+
+        for row in rows:
+            if row["role"] == "unlearned":
+                print(f"version {row['version']} removed: {' '.join(map(str, removed_ids(args.model_name, row['version'])))}")
     return 0
 
 
@@ -145,6 +177,16 @@ def cmd_importance(args) -> int:
     from pipelines.importance import run_importance_command
 
     return run_importance_command(args) or 0
+
+
+# ------------------------------------------------------------------ demo
+
+
+def cmd_demo(args) -> int:
+    from pipelines.demo import run_demo
+
+    run_demo(args.root, quiet=args.quiet)
+    return 0
 
 
 # ------------------------------------------------------------------ parser
@@ -173,7 +215,33 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(func=cmd_evaluate)
 
     forget = commands.add_parser("forget", help="process one deletion request")
-    forget.add_argument("--model", required=True)
+    search = commands.add_parser("search", help="a deletion request with a parallel search on Ray Tune")
+    for sub in (forget, search):
+        _request_arguments(sub, search_required=sub is search)
+
+    history = commands.add_parser("history", help="a registered model's versions and what each removed")
+    history.add_argument("--model-name", required=True)
+    history.add_argument("--ids", action="store_true", help="also list the removed ids")
+    history.add_argument("--json", action="store_true")
+    history.set_defaults(func=cmd_history)
+
+    demo = commands.add_parser("demo", help="the quick-start on the built-in digits data")
+    demo.add_argument("--root", default="demo-output", help="where the run directory is created")
+    demo.set_defaults(func=cmd_demo)
+
+    importance = commands.add_parser("importance", help="build an importance store on Ray")
+    try:
+        from pipelines.importance import add_importance_arguments
+
+        add_importance_arguments(importance)
+    except ImportError:  # the Ray pipeline is not installed in this checkout
+        pass
+    importance.set_defaults(func=cmd_importance)
+    return parser
+
+
+def _request_arguments(forget: argparse.ArgumentParser, search_required: bool) -> None:
+    forget.add_argument("--model", required=True, help="a checkpoint directory or models:/NAME@current")
     forget.add_argument("--data", required=True)
     forget.add_argument("--forget", required=True, help="class:K, subclass:K, random:N[:SEED], or an id file")
     forget.add_argument("--out", required=True, help="run directory to create")
@@ -186,17 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
     forget.add_argument("--mode", default="per_sample", choices=["per_sample", "batch"])
     forget.add_argument("--batch-size", type=int, default=64)
     forget.add_argument("--seed", type=int, default=0)
+    forget.add_argument("--search", required=search_required, metavar="CONFIG",
+                        help="a tune_configs/*.yaml search (PTN or TPE) run on Ray Tune")
+    forget.add_argument("--model-name", help="registered model name in MLflow (default: ARCH-DATA)")
+    forget.add_argument("--no-track", action="store_true", help="do not record the request in MLflow")
     forget.set_defaults(func=cmd_forget)
-
-    importance = commands.add_parser("importance", help="build an importance store on Ray")
-    try:
-        from pipelines.importance import add_importance_arguments
-
-        add_importance_arguments(importance)
-    except ImportError:  # the Ray pipeline is not installed in this checkout
-        pass
-    importance.set_defaults(func=cmd_importance)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

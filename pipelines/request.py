@@ -7,7 +7,7 @@ manifest `forget_ids.txt`; it appears atomically and never replaces an existing 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -37,6 +37,9 @@ class ForgetOptions:
     seed: int = 0
     device: str = field(default_factory=default_device)
     rho: float | None = None
+    search: str | None = None  # a tune_configs/*.yaml file: search on Ray Tune instead
+    track: bool = True  # record the request in MLflow
+    model_name: str | None = None  # registered model name (default: <arch>-<data set>)
 
 
 @dataclass
@@ -48,10 +51,21 @@ class PreparedRequest:
     store_meta: dict | None
 
 
-def prepare_request(model_path: str, data_spec: str, forget_spec: str, options: ForgetOptions) -> PreparedRequest:
-    unlearning.get_method(options.method)  # unknown names fail before any loading
+def prepare_request(
+    model_path: str,
+    data_spec: str,
+    forget_spec: str,
+    options: ForgetOptions,
+    removed_before: list[int] | None = None,
+) -> PreparedRequest:
+    """Load everything a request needs. Rows removed by earlier requests are dropped first."""
+    if not options.search:
+        unlearning.get_method(options.method)  # unknown names fail before any loading
     model = unlearning.load_model(model_path)
     dataset = unlearning.load_dataset(data_spec)
+    if removed_before:
+        gone = torch.isin(dataset.train.ids, torch.tensor(removed_before, dtype=torch.int64))
+        dataset = replace(dataset, train=dataset.train.where(~gone))
     meta = model_meta(model)
     if meta["num_classes"] != dataset.num_classes or tuple(meta["input_shape"]) != dataset.input_shape:
         raise UserError(
@@ -139,8 +153,12 @@ def build_report(
     }
 
 
-def write_run(out: str | Path, model: torch.nn.Module, report: dict, forget: ForgetSet) -> Path:
-    """The run directory: checkpoint + report.json + forget_ids.txt, all or nothing."""
+def write_run(out: str | Path, model: torch.nn.Module, report: dict, forget: ForgetSet, before_publish=None) -> Path:
+    """The run directory: checkpoint + report.json + forget_ids.txt, all or nothing.
+
+    `before_publish(staging)` runs with the files in place but not yet visible at `out` (the
+    MLflow logging); if it fails, nothing appears.
+    """
     parent = model_meta(model)
     lineage_root = parent.get("lineage_root") or parent.get("parent_fingerprint")
     extra = {
@@ -155,18 +173,59 @@ def write_run(out: str | Path, model: torch.nn.Module, report: dict, forget: For
     with atomic_directory(out) as staging:
         report["fingerprint"] = write_model_files(model.cpu(), staging, extra)
         (staging / "forget_ids.txt").write_text("".join(f"{i}\n" for i in forget.ids.tolist()))
+        if before_publish is not None:
+            report["mlflow"] = before_publish(staging)
         write_json(staging / "report.json", report)
     return Path(out)
 
 
 def run_forget(
-    model_path: str, data_spec: str, forget_spec: str, out: str, options: ForgetOptions
+    model_uri: str, data_spec: str, forget_spec: str, out: str, options: ForgetOptions, progress=None
 ) -> dict:
-    """The one-process deletion request: returns the report written to `out/report.json`."""
+    """One deletion request: returns the report written to `out/report.json`.
+
+    `model_uri` is a checkpoint directory or `models:/NAME@current` (the registry's newest
+    version, so that requests chain).
+    """
     if Path(out).exists():
         raise UserError(f"{out} already exists; choose a new output path (nothing is overwritten)")
-    prepared = prepare_request(model_path, data_spec, forget_spec, options)
-    output, seconds = run_method_timed(prepared, options.method, options.params)
-    report = build_report(prepared, options.method, output, seconds, data_spec)
-    write_run(out, output.model, report, prepared.forget)
+    search_config = None
+    if options.search:
+        from pipelines.search import load_search_config
+
+        search_config = load_search_config(options.search)
+    model_path, version, removed_before = model_uri, None, []
+    if str(model_uri).startswith("models:/"):
+        from pipelines.tracking import lineage_removed_ids, resolve_model
+
+        model_path, version = resolve_model(model_uri)
+        removed_before = lineage_removed_ids(version["name"], version["version"])
+    prepared = prepare_request(model_path, data_spec, forget_spec, options, removed_before)
+    trials: list[dict] = []
+    if search_config is not None:
+        from pipelines.search import run_search
+
+        started = time.perf_counter()
+        method, output, trials = run_search(prepared.task, search_config, progress)
+        total = time.perf_counter() - started
+        seconds = {"importance": prepared.task.importance_seconds, "unlearn": total - prepared.task.importance_seconds}
+    else:
+        method = options.method
+        output, seconds = run_method_timed(prepared, method, options.params)
+    report = build_report(prepared, method, output, seconds, data_spec)
+    report["seed"] = options.seed
+    report["removed_before"] = len(removed_before)
+    publish = None
+    if options.track:
+        from pipelines.tracking import log_request
+
+        meta = model_meta(prepared.model)
+        name = (version or {}).get("name") or options.model_name or f"{meta['arch']}-{prepared.dataset.name}"
+
+        def publish(staging: Path) -> dict:
+            return log_request(
+                report, staging, name, model_path, unlearning.model_fingerprint(prepared.model), trials
+            )
+
+    write_run(out, output.model, report, prepared.forget, publish)
     return report

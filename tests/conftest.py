@@ -41,3 +41,10 @@ def assert_state_equal(model, state):
     assert current.keys() == state.keys()
     for name, tensor in state.items():
         assert torch.equal(current[name], tensor), f"{name} changed"
+
+
+@pytest.fixture(autouse=True)
+def isolated_mlflow(tmp_path, monkeypatch):
+    """Each test gets its own MLflow store (never the working directory's mlflow.db)."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)  # artifacts of a sqlite store land under ./mlruns

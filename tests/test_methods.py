@@ -77,13 +77,17 @@ def test_retrain_gives_the_reference_row(digits, digits_model):
     assert abs(original_retained - retained_acc) <= 0.02
 
 
-def test_random_forgetting_target_is_the_test_accuracy(digits, digits_model):
+def test_random_forgetting_target_is_the_test_accuracy_of_the_forget_class_mix(digits, digits_model):
     task = make_task(digits, digits_model, "random:40")
     output = unlearning.run_method("ptn", task)
-    test_acc = accuracy(digits_model, digits.test, digits_model.amnesis_meta["normalize"])
-    assert output.params["target"] == pytest.approx(test_acc)
+    norm = digits_model.amnesis_meta["normalize"]
+    labels = task.forget_split.labels.tolist()
+    per_class = [accuracy(digits_model, digits.test.where(digits.test.labels == k), norm) for k in range(10)]
+    expected = sum(per_class[k] for k in labels) / len(labels)
+    assert output.params["target"] == pytest.approx(expected)
+    assert 0.95 < expected < 1.0
     assert output.details["reached"]
-    assert output.details["path"][-1]["forget_acc"] <= test_acc
+    assert output.details["path"][-1]["forget_acc"] <= expected
 
 
 def test_ptn_schedule_walks_from_least_to_most_aggressive(digits, digits_model):
@@ -91,9 +95,15 @@ def test_ptn_schedule_walks_from_least_to_most_aggressive(digits, digits_model):
     full, forget = task.importance("full", "fisher"), task.importance("forget", "fisher")
     schedule = ptn_schedule(full, forget, task.forget_fraction)
     alphas = [s.alpha for s in schedule if s.s is not None]
-    lambdas = [s.lam for s in schedule if s.s is None]
+    lambda_phase = [s for s in schedule if s.s is None and s.alpha == 1.0]
+    threshold_phase = [s for s in schedule if s.s is None and s.alpha < 1.0]
     assert alphas == sorted(alphas, reverse=True) and alphas[-1] > 1.0
-    assert lambdas == sorted(lambdas, reverse=True) and lambdas[-1] >= 1e-3
+    lambdas = [s.lam for s in lambda_phase]
+    assert lambdas == sorted(lambdas, reverse=True) and lambdas[0] == 1.0 and lambdas[-1] >= 1e-3
+    thresholds = [s.alpha for s in threshold_phase]
+    assert thresholds == sorted(thresholds, reverse=True) and thresholds[-1] >= 1e-3
+    assert {s.lam for s in threshold_phase} == {lambdas[-1]}
+    assert schedule[-len(threshold_phase) :] == threshold_phase  # phases in order
     assert [s.index for s in schedule] == list(range(len(schedule)))
     first = schedule[0]
     assert first.s == pytest.approx(task.forget_fraction / 25)

@@ -6,7 +6,11 @@ The schedule walks from the least aggressive dampening towards more aggressive o
    p_k = 100 - ln(1 + 100 s_k), alpha_k = percentile_{p_k}(I^f / I^D), while alpha_k > 1
    (every alpha <= lambda = 1 dampens exactly what alpha = 1 dampens) and k < max_steps;
 2. lambda phase (alpha = 1): lambda_j = growth^-j down to `min_lambda`, for requests that
-   the alpha phase alone cannot bring to the target.
+   the alpha phase alone cannot bring to the target;
+3. threshold phase (lambda at its last value): alpha_j = growth^-j down to `min_lambda`, which also
+   dampens parameters less important to D_f than to D (ratio < 1). Samples the model fits
+   confidently (random forgetting) have small gradients, hence few ratios above 1: only this
+   phase can reach them. Its last step dampens nearly everything, so every target is reachable.
 
 Steps with the same (alpha, lambda) as an earlier step are dropped (they would give the same
 model). The answer is the first step whose forget-set accuracy is <= the target. Every step
@@ -91,9 +95,14 @@ def ptn_schedule(
         s *= growth
     if lambda_phase:
         lam = 1.0
-        while lam >= min_lambda:
+        while lam / growth >= min_lambda:
             add(1.0, lam)
             lam /= growth
+        add(1.0, lam)  # the smallest lambda >= min_lambda, kept for the threshold phase
+        alpha = 1.0 / growth
+        while alpha >= min_lambda:
+            add(alpha, lam)
+            alpha /= growth
     return steps
 
 
@@ -139,7 +148,8 @@ def forget_target(
     """What retraining would give, per kind of request (issue 2 / SPEC.md section 5).
 
     whole class or sub-class -> near 0 (CLASS_TARGET); random samples -> the model's accuracy
-    on data it never saw (its test accuracy); poison -> rho * A_0 on the poison labels.
+    on data it never saw (its test accuracy, weighted to the forget set's class mix by the
+    caller); poison -> rho * A_0 on the poison labels.
     """
     if rho is not None:
         if original_forget_acc is None:

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from unlearning.data import Dataset, ForgetSet, Split
 from unlearning.errors import UserError
 from unlearning.importance import compute_importance_sums
-from unlearning.metrics import accuracy
+from unlearning.metrics import accuracy, per_class_accuracy, predict_logits
 from unlearning.training import TrainConfig
 
 
@@ -99,10 +99,22 @@ class UnlearningTask:
         }
 
     def original_accuracy(self, which: str) -> float:
+        """The original model's accuracy on D_f ("forget"), or on unseen data ("test").
+
+        "test" is weighted to the forget set's class mix: the mean over forget samples of the
+        test accuracy of their class, i.e. what the model scores on unseen samples like them.
+        """
         key = ("accuracy", which)
         if key not in self.cache:
-            split = {"forget": self.forget_split, "test": self.dataset.test}[which]
-            self.cache[key] = accuracy(self.model, split, self.normalize)
+            if which == "forget":
+                self.cache[key] = accuracy(self.model, self.forget_split, self.normalize)
+            else:
+                logits = predict_logits(self.model, self.dataset.test, self.normalize)
+                per_class = torch.tensor(
+                    per_class_accuracy(logits, self.dataset.test.labels, self.dataset.num_classes)
+                )
+                mix = per_class[self.forget_split.labels]
+                self.cache[key] = float(mix[~torch.isnan(mix)].mean())
         return self.cache[key]
 
     def forget_accuracy(self, model: nn.Module) -> float:

@@ -1,0 +1,302 @@
+"""Searches on Ray Tune: the parallel PTN walk and an alpha/lambda TPE search.
+
+Importances are computed once on the driver and shared with every trial through the object
+store (`tune.with_parameters`). Trials only report metrics; MLflow is written by the driver.
+
+Parallel PTN: the schedule (unlearning.search.ptn_schedule) is cut into chunks of
+`chunk_size` consecutive steps. A searcher hands chunks out in order to at most `parallel`
+concurrent trials; a trial walks its chunk in order and stops at its first step that meets
+the target. Once some step m has met it, no chunk starting after m is handed out. Every
+chunk starting at or before m is walked until it meets or ends, so every step before m has
+been evaluated: the least step that meets the target is exactly the sequential answer.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from unlearning.errors import UserError
+from unlearning.methods import MethodOutput, UnlearningTask
+from unlearning.search import SearchResult, Step, forget_target, first_meeting, ptn_schedule
+
+PTN_METRIC = "forget_acc"
+
+
+@dataclass
+class SearchConfig:
+    """A search space from tune_configs/*.yaml (unknown keys are refused)."""
+
+    search: str = "ptn"  # "ptn" or "tpe"
+    importance_kind: str = "fisher"
+    reference: str = "full"  # I^D over the full data ("full") or the retained data ("retain")
+    target: float | None = None  # forget-accuracy target; None = the request kind's default
+    rho: float | None = None
+    parallel: int | None = None  # concurrent trials; None = one per CPU (or GPU)
+    # ptn
+    growth: float = 1.1
+    max_steps: int = 500
+    chunk_size: int = 4
+    # tpe
+    num_samples: int = 50
+    alpha: list = field(default_factory=lambda: [0.1, 100.0])  # log-uniform range
+    lam: list = field(default_factory=lambda: [0.1, 5.0])  # uniform range
+    retain_sample: int = 2000  # retained rows scored per TPE trial
+    seed: int = 0
+
+
+def load_search_config(path: str | Path) -> SearchConfig:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"search config {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise UserError(f"search config {path} is not valid YAML: {str(error).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"search config {path} must be a mapping of settings")
+    known = {f.name for f in fields(SearchConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise UserError(f"search config {path}: unknown setting {unknown[0]!r} (known: {', '.join(sorted(known))})")
+    config = SearchConfig(**data)
+    if config.search not in ("ptn", "tpe"):
+        raise UserError(f"search config {path}: search must be 'ptn' or 'tpe', got {config.search!r}")
+    if config.chunk_size < 1 or config.max_steps < 1 or config.growth <= 1:
+        raise UserError(f"search config {path}: chunk_size, max_steps must be >= 1 and growth > 1")
+    return config
+
+
+def trial_resources() -> dict:
+    """One CPU per trial, plus one GPU where the cluster has GPUs."""
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    return {"cpu": 1, "gpu": 1} if gpus else {"cpu": 1}
+
+
+def default_parallel() -> int:
+    import ray
+
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    return max(1, gpus if gpus else int(resources.get("CPU", 1)))
+
+
+def _ptn_trial(config, model, full, forget, schedule, forget_split, normalize, target, chunk_size):
+    from ray import tune
+
+    from unlearning.metrics import accuracy
+    from unlearning.search import dampened_copy
+
+    torch.set_num_threads(1)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = model.to(device)
+    start = config["chunk"] * chunk_size
+    for step in schedule[start : start + chunk_size]:
+        acc = accuracy(dampened_copy(model, full, forget, step), forget_split, normalize)
+        met = acc <= target
+        tune.report({"step": step.index, "alpha": step.alpha, "lam": step.lam, PTN_METRIC: acc, "met": met})
+        if met:
+            return
+
+
+def _chunk_searcher(n_chunks: int, chunk_size: int, on_result=None):
+    from ray.tune.search import Searcher
+
+    class ChunkSearcher(Searcher):
+        """Hands out chunks in order; none that starts after a step already known to meet."""
+
+        def __init__(self):
+            super().__init__(metric=PTN_METRIC, mode="min")
+            self.next_chunk = 0
+            self.best = math.inf
+
+        def suggest(self, trial_id):
+            if self.next_chunk >= n_chunks or self.next_chunk * chunk_size > self.best:
+                return Searcher.FINISHED
+            self.next_chunk += 1
+            return {"chunk": self.next_chunk - 1}
+
+        def on_trial_result(self, trial_id, result):
+            if result.get("met"):
+                self.best = min(self.best, result["step"])
+            if on_result is not None:
+                on_result(result)
+
+        def on_trial_complete(self, trial_id, result=None, error=False):
+            if result and result.get("met"):
+                self.best = min(self.best, result["step"])
+
+    return ChunkSearcher()
+
+
+def _run_tuner(trainable, tune_config, name: str):
+    # Tune's console reporter (configuration box, result tables) stays out of the user's way.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    from ray import tune
+
+    storage = tempfile.mkdtemp(prefix="amnesis-tune-")
+    try:
+        tuner = tune.Tuner(
+            tune.with_resources(trainable, trial_resources()),
+            tune_config=tune_config,
+            run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0),
+        )
+        results = tuner.fit()
+        rows = []
+        for result in results:
+            if result.error:
+                raise RuntimeError(f"a search trial failed: {result.error}")
+            frame = result.metrics_dataframe
+            if frame is not None:
+                rows.extend(frame.to_dict("records"))
+        return rows
+    finally:
+        shutil.rmtree(storage, ignore_errors=True)
+
+
+def parallel_ptn(
+    task: UnlearningTask, config: SearchConfig, target: float, progress=None
+) -> tuple[SearchResult, list[dict]]:
+    """The PTN walk on Ray Tune; returns the same answer as unlearning.search.sequential_search."""
+    from ray import tune
+
+    from pipelines.ray_session import ensure_ray
+
+    ensure_ray()
+    full = task.importance(config.reference, config.importance_kind)
+    forget = task.importance("forget", config.importance_kind)
+    schedule = ptn_schedule(full, forget, task.forget_fraction, config.growth, config.max_steps)
+    n_chunks = -(-len(schedule) // config.chunk_size)
+    trainable = tune.with_parameters(
+        _ptn_trial,
+        model=task.model.cpu(),
+        full=full,
+        forget=forget,
+        schedule=schedule,
+        forget_split=task.forget_split,
+        normalize=task.normalize,
+        target=target,
+        chunk_size=config.chunk_size,
+    )
+    searcher = _chunk_searcher(n_chunks, config.chunk_size, progress)
+    tune_config = tune.TuneConfig(
+        search_alg=searcher,
+        num_samples=n_chunks,
+        max_concurrent_trials=config.parallel or default_parallel(),
+        reuse_actors=True,
+    )
+    rows = _run_tuner(trainable, tune_config, "ptn")
+    evaluated = {int(row["step"]): float(row[PTN_METRIC]) for row in rows}
+    path = [(schedule[i], evaluated[i]) for i in sorted(evaluated)]
+    answer = first_meeting(path, target)
+    limit = answer.index if answer is not None else len(schedule)
+    missing = [i for i in range(limit) if i not in evaluated]
+    if missing:  # the argument in the module docstring guarantees this never happens
+        raise RuntimeError(f"parallel PTN left steps {missing[:5]} unevaluated")
+    # keep the path the sequential loop would have walked: every step up to the answer
+    sequential_path = [(schedule[i], evaluated[i]) for i in range(limit + (answer is not None))]
+    trials = [
+        {"name": f"step {row['step']}", "params": {"alpha": row["alpha"], "lambda": row["lam"], "step": row["step"]},
+         "metrics": {PTN_METRIC: row[PTN_METRIC]}}
+        for row in sorted(rows, key=lambda r: r["step"])
+    ]
+    return SearchResult(answer, target, sequential_path), trials
+
+
+def _tpe_trial(config, model, full, forget, forget_split, retain_split, normalize, target):
+    from ray import tune
+
+    from unlearning.dampening import dampen_
+    from unlearning.metrics import accuracy
+
+    torch.set_num_threads(1)
+    dampened = __import__("copy").deepcopy(model)
+    dampen_(dampened, full, forget, config["alpha"], config["lam"])
+    forget_acc = accuracy(dampened, forget_split, normalize)
+    retain_acc = accuracy(dampened, retain_split, normalize)
+    # best retained accuracy subject to forget accuracy <= target; infeasible trials rank below
+    score = retain_acc if forget_acc <= target else -forget_acc
+    tune.report({"forget_acc": forget_acc, "retain_acc": retain_acc, "score": score, "feasible": forget_acc <= target})
+
+
+def tpe_search(task: UnlearningTask, config: SearchConfig, target: float) -> tuple[dict, list[dict]]:
+    """alpha/lambda TPE (Optuna through Tune): best retained accuracy with forget acc <= target."""
+    from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    from pipelines.ray_session import ensure_ray
+
+    ensure_ray()
+    full = task.importance(config.reference, config.importance_kind)
+    forget = task.importance("forget", config.importance_kind)
+    generator = torch.Generator().manual_seed(config.seed)
+    sample = torch.randperm(len(task.retain_split), generator=generator)[: config.retain_sample]
+    trainable = tune.with_parameters(
+        _tpe_trial, model=task.model.cpu(), full=full, forget=forget, forget_split=task.forget_split,
+        retain_split=task.retain_split.subset(sample.sort().values), normalize=task.normalize, target=target,
+    )
+    space = {"alpha": tune.loguniform(*config.alpha), "lam": tune.uniform(*config.lam)}
+    tune_config = tune.TuneConfig(
+        search_alg=OptunaSearch(space=space, metric="score", mode="max", seed=config.seed),
+        num_samples=config.num_samples,
+        max_concurrent_trials=config.parallel or default_parallel(),
+        reuse_actors=True,
+    )
+    rows = _run_tuner(trainable, tune_config, "tpe")
+    best = max(rows, key=lambda r: r["score"])
+    trials = [
+        {"name": f"{i}", "params": {"alpha": r["config/alpha"], "lambda": r["config/lam"]},
+         "metrics": {k: float(r[k]) for k in ("forget_acc", "retain_acc", "score")}}
+        for i, r in enumerate(rows)
+    ]
+    return {"alpha": best["config/alpha"], "lam": best["config/lam"], "feasible": bool(best["feasible"])}, trials
+
+
+def search_target(task: UnlearningTask, config: SearchConfig) -> float:
+    if config.target is not None:
+        return config.target
+    rho = config.rho if config.rho is not None else task.rho
+    return forget_target(
+        task.forget.kind,
+        original_test_acc=task.original_accuracy("test"),
+        original_forget_acc=task.original_accuracy("forget") if rho is not None else None,
+        rho=rho,
+    )
+
+
+def run_search(task: UnlearningTask, config: SearchConfig, progress=None) -> tuple[str, MethodOutput, list[dict]]:
+    """Search, then apply the chosen dampening: (method name, output, trials for MLflow)."""
+    from unlearning.dampening import ssd
+
+    target = search_target(task, config)
+    if config.search == "ptn":
+        result, trials = parallel_ptn(task, config, target, progress)
+        chosen: Step = result.step or result.path[-1][0]
+        alpha, lam = chosen.alpha, chosen.lam
+        details = {
+            "reached": result.reached,
+            "path": [{**step.to_dict(), "forget_acc": acc} for step, acc in result.path],
+            "evaluated_steps": len(trials),
+        }
+        extra = {"step": chosen.index}
+    else:
+        best, trials = tpe_search(task, config, target)
+        alpha, lam = best["alpha"], best["lam"]
+        details = {"reached": best["feasible"], "trials": len(trials)}
+        extra = {}
+    full = task.importance(config.reference, config.importance_kind)
+    forget = task.importance("forget", config.importance_kind)
+    model = ssd(task.model, full, forget, alpha, lam)
+    params = {"alpha": alpha, "lambda": lam, "kind": config.importance_kind, "target": target,
+              "rho": config.rho if config.rho is not None else task.rho, "reference": config.reference, **extra}
+    return config.search, MethodOutput(model, params, details), trials
