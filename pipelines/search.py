@@ -24,7 +24,7 @@ import torch
 
 from unlearning.errors import UserError
 from unlearning.methods import MethodOutput, UnlearningTask
-from unlearning.search import SearchResult, Step, forget_target, first_meeting, ptn_schedule
+from unlearning.search import SearchResult, Step, first_meeting, forget_target, ptn_schedule
 
 PTN_METRIC = "forget_acc"
 
