@@ -72,7 +72,7 @@ def resolve_model(uri: str) -> tuple[str, dict | None]:
         raise UserError(f"{uri} is not in the model registry at {tracking_uri()}: {_first_line(error)}") from None
     target = tempfile.mkdtemp(prefix="amnesis-model-")
     path = mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=target)
-    return path, {"name": version.name, "version": version.version, "tags": dict(version.tags)}
+    return path, {"name": version.name, "version": str(version.version), "tags": dict(version.tags)}
 
 
 def _first_line(error: Exception) -> str:
@@ -162,7 +162,7 @@ def log_request(
     parent = _register_original(mlflow, client, model_name, parent_checkpoint, parent_fingerprint)
     run_dir = Path(run_dir)
     with mlflow.start_run(run_name=f"forget {report['forget']['spec']} ({report['method']})") as run:
-        mlflow.set_tags({"amnesis.role": "request", "amnesis.parent_version": parent.version})
+        mlflow.set_tags({"amnesis.role": "request", "amnesis.parent_version": str(parent.version)})
         mlflow.log_params(flat_params(report))
         mlflow.log_metrics(flat_metrics(report))
         for trial in trials or []:
@@ -181,7 +181,7 @@ def log_request(
         mlflow.log_artifact(str(run_dir / "forget_ids.txt"))
         for plot in plots or []:
             mlflow.log_artifact(str(plot), artifact_path="plots")
-        entry = {"run_id": run.info.run_id, "model_name": model_name, "parent_version": parent.version}
+        entry = {"run_id": run.info.run_id, "model_name": model_name, "parent_version": str(parent.version)}
         version = client.create_model_version(
             model_name,
             source=f"{run.info.artifact_uri}/checkpoint",
@@ -189,7 +189,7 @@ def log_request(
             tags={
                 "role": "unlearned",
                 "fingerprint": report["fingerprint"],
-                "parent_version": parent.version,
+                "parent_version": str(parent.version),
                 "request_run_id": run.info.run_id,
                 "forget_spec": report["forget"]["spec"],
                 "forget_size": str(report["forget"]["size"]),
@@ -198,7 +198,7 @@ def log_request(
             },
         )
         client.set_registered_model_alias(model_name, CURRENT_ALIAS, version.version)
-        entry["model_version"] = version.version
+        entry["model_version"] = str(version.version)
         mlflow.log_text(json.dumps({**report, "mlflow": entry}, indent=2), "report.json")
     return entry
 
@@ -215,7 +215,7 @@ def history(model_name: str) -> list[dict]:
 
         raise UserError(f"cannot read model {model_name!r} at {tracking_uri()}: {_first_line(error)}") from None
     try:
-        current = client.get_model_version_by_alias(model_name, CURRENT_ALIAS).version
+        current = str(client.get_model_version_by_alias(model_name, CURRENT_ALIAS).version)
     except MlflowException:
         current = None
     rows = []
@@ -223,8 +223,8 @@ def history(model_name: str) -> list[dict]:
         tags = dict(version.tags)
         rows.append(
             {
-                "version": version.version,
-                "current": version.version == current,
+                "version": str(version.version),
+                "current": str(version.version) == current,
                 "role": tags.get("role", ""),
                 "parent_version": tags.get("parent_version", ""),
                 "method": tags.get("method", ""),

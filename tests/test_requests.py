@@ -1,0 +1,126 @@
+"""Deletion requests end to end: MLflow records and lineage, parallel PTN on Ray Tune.
+
+One local Ray session serves the whole module.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import ray
+from mlflow import MlflowClient
+
+import unlearning
+from pipelines.cli import main
+from pipelines.ray_session import ensure_ray
+from pipelines.request import ForgetOptions, prepare_request
+from pipelines.search import SearchConfig, parallel_ptn, search_target
+from unlearning.search import ptn_schedule, sequential_search
+
+PTN_CONFIG = Path(__file__).resolve().parent.parent / "tune_configs" / "ptn.yaml"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_session():
+    ensure_ray(num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+def cli(capsys, *argv):
+    code = main(["--quiet", *map(str, argv)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    return captured.out
+
+
+def test_forget_is_recorded_in_mlflow_with_a_registered_version(tmp_path, capsys, digits_checkpoint):
+    cli(capsys, "forget", "--model", digits_checkpoint, "--data", "digits", "--forget", "class:6",
+        "--model-name", "digits-cnn", "--out", tmp_path / "run")
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    entry = report["mlflow"]
+    assert entry["model_name"] == "digits-cnn" and entry["model_version"] == "2" and entry["parent_version"] == "1"
+
+    client = MlflowClient()
+    run = client.get_run(entry["run_id"])
+    assert run.data.params["method"] == "ptn"
+    assert run.data.params["forget_size"] == str(report["forget"]["size"])
+    assert run.data.params["forget_manifest_hash"] == report["forget"]["manifest_hash"]
+    assert float(run.data.params["alpha"]) == pytest.approx(report["params"]["alpha"])
+    assert run.data.metrics["forget_acc"] == report["metrics"]["forget_acc"]
+    assert run.data.metrics["original_forget_acc"] == 1.0
+    assert {"mia", "test_acc", "retain_acc", "seconds_importance", "seconds_unlearn"} <= set(run.data.metrics)
+    artifacts = {a.path for a in client.list_artifacts(entry["run_id"])}
+    assert {"checkpoint", "forget_ids.txt", "report.json"} <= artifacts
+    assert {a.path for a in client.list_artifacts(entry["run_id"], "checkpoint")} == {
+        "checkpoint/model.json", "checkpoint/model.safetensors"}
+
+    versions = {str(v.version): v for v in client.search_model_versions("name = 'digits-cnn'")}
+    assert versions["1"].tags["role"] == "original"
+    assert versions["1"].tags["fingerprint"] == unlearning.model_fingerprint(unlearning.load_model(digits_checkpoint))
+    assert versions["2"].tags["parent_version"] == "1"
+    assert versions["2"].tags["fingerprint"] == report["fingerprint"]
+    assert str(client.get_model_version_by_alias("digits-cnn", "current").version) == "2"
+
+
+def test_two_requests_in_a_row_give_a_lineage_of_two_versions(tmp_path, capsys, digits_checkpoint):
+    cli(capsys, "forget", "--model", digits_checkpoint, "--data", "digits", "--forget", "class:1",
+        "--model-name", "chain", "--out", tmp_path / "first")
+    cli(capsys, "forget", "--model", "models:/chain@current", "--data", "digits", "--forget", "random:20",
+        "--out", tmp_path / "second")
+    first = json.loads((tmp_path / "first" / "report.json").read_text())
+    second = json.loads((tmp_path / "second" / "report.json").read_text())
+    assert second["mlflow"]["parent_version"] == first["mlflow"]["model_version"] == "2"
+    assert second["mlflow"]["model_version"] == "3"
+    assert second["removed_before"] == first["forget"]["size"]  # class 1 rows are gone from D_r
+
+    history = json.loads(cli(capsys, "history", "--model-name", "chain", "--json"))
+    assert [(r["version"], r["parent_version"], r["role"]) for r in history] == [
+        ("1", "", "original"), ("2", "1", "unlearned"), ("3", "2", "unlearned")]
+    assert history[-1]["current"] and history[2]["forget_spec"] == "random:20"
+    text = cli(capsys, "history", "--model-name", "chain", "--ids")
+    second_ids = (tmp_path / "second" / "forget_ids.txt").read_text().split()
+    assert f"version 3 removed: {' '.join(second_ids)}" in text
+
+
+@pytest.mark.parametrize("spec", ["class:5", "random:40"])
+def test_parallel_ptn_equals_the_sequential_loop(digits_checkpoint, spec):
+    prepared = prepare_request(str(digits_checkpoint), "digits", spec, ForgetOptions(track=False, device="cpu"))
+    task = prepared.task
+    config = SearchConfig(chunk_size=3, parallel=2)
+    target = search_target(task, config)
+    full, forget = task.importance("full", "fisher"), task.importance("forget", "fisher")
+    schedule = ptn_schedule(full, forget, task.forget_fraction)
+    sequential = sequential_search(task.model, full, forget, schedule, task.forget_accuracy, target)
+    parallel, trials = parallel_ptn(task, config, target)
+    assert sequential.reached and parallel.step == sequential.step
+    assert [(s.index, acc) for s, acc in parallel.path] == [(s.index, acc) for s, acc in sequential.path]
+    assert len(trials) >= len(sequential.path)
+
+
+def test_search_command_with_tpe_logs_each_trial_as_a_nested_run(tmp_path, capsys, digits_checkpoint):
+    config = tmp_path / "tpe.yaml"
+    config.write_text("search: tpe\nnum_samples: 6\nparallel: 2\nretain_sample: 300\n")
+    cli(capsys, "search", "--model", digits_checkpoint, "--data", "digits", "--forget", "class:2",
+        "--search", config, "--model-name", "tpe", "--out", tmp_path / "run")
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["method"] == "tpe" and report["details"]["trials"] == 6
+    assert 0.1 <= report["params"]["alpha"] <= 100 and 0.1 <= report["params"]["lambda"] <= 5
+    client = MlflowClient()
+    run = client.get_run(report["mlflow"]["run_id"])
+    children = client.search_runs(
+        [run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run.info.run_id}'"
+    )
+    assert len(children) == 6
+    assert all("retain_acc" in child.data.metrics for child in children)
+
+
+def test_bad_search_config_is_refused(tmp_path, capsys, digits_checkpoint):
+    config = tmp_path / "bad.yaml"
+    config.write_text("search: ptn\nchunks: 3\n")
+    code = main(["--quiet", "search", "--model", str(digits_checkpoint), "--data", "digits", "--forget", "class:2",
+                 "--search", str(config), "--out", str(tmp_path / "run")])
+    assert code == 2 and "unknown setting 'chunks'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
