@@ -126,6 +126,11 @@ def build_report(
     metrics = evaluate_model(model, prepared.dataset, prepared.forget, task.normalize)
     if original_metrics is None:
         original_metrics = evaluate_model(task.model, prepared.dataset, prepared.forget, task.normalize)
+    if "attack_success_rate" in metrics:
+        from unlearning.metrics import healed_fraction
+
+        metrics["healed"] = healed_fraction(original_metrics["attack_success_rate"], metrics["attack_success_rate"])
+        metrics["accuracy_drop"] = original_metrics["test_acc"] - metrics["test_acc"]
     parent = model_meta(task.model)
     return {
         "method": method,

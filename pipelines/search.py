@@ -265,7 +265,7 @@ def tpe_search(task: UnlearningTask, config: SearchConfig, target: float) -> tup
 def search_target(task: UnlearningTask, config: SearchConfig) -> float:
     if config.target is not None:
         return config.target
-    rho = config.rho if config.rho is not None else task.rho
+    rho = request_rho(task.forget.kind, config.rho if config.rho is not None else task.rho)
     return forget_target(
         task.forget.kind,
         original_test_acc=task.original_accuracy("test"),
@@ -297,6 +297,7 @@ def run_search(task: UnlearningTask, config: SearchConfig, progress=None) -> tup
     full = task.importance(config.reference, config.importance_kind)
     forget = task.importance("forget", config.importance_kind)
     model = ssd(task.model, full, forget, alpha, lam)
+    rho = request_rho(task.forget.kind, config.rho if config.rho is not None else task.rho)
     params = {"alpha": alpha, "lambda": lam, "kind": config.importance_kind, "target": target,
-              "rho": config.rho if config.rho is not None else task.rho, "reference": config.reference, **extra}
+              "rho": rho, "reference": config.reference, **extra}
     return config.search, MethodOutput(model, params, details), trials

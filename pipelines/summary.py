@@ -8,6 +8,8 @@ COLUMNS = [
     ("test_acc", "test acc"),
     ("test_forget_acc", "test forget-class acc"),
     ("mia", "MIA"),
+    ("attack_success_rate", "attack success"),
+    ("healed", "healed"),
 ]
 
 

@@ -150,3 +150,35 @@ def test_poison_task_is_seeded_and_follows_the_spec(digits):
     assert bool((task.triggered_test.inputs[..., -3:, -3:] == 1.0).all())
     again = poison_task(digits, rate=0.02, identified_fraction=0.5, target=0, seed=1)
     assert torch.equal(again.identified.ids, task.identified.ids)
+
+
+def test_data_spec_modifiers():
+    poisoned = unlearning.load_dataset("digits+poison:rate=0.02,identified=0.5,seed=1")
+    assert poisoned.poison is not None and len(poisoned.poison.poisoned_ids) == round(0.02 * len(poisoned.train))
+    assert poisoned.fingerprint != unlearning.load_dataset("digits").fingerprint
+    forget = unlearning.parse_forget("poison:identified", poisoned)
+    assert torch.equal(forget.ids, poisoned.poison.identified.ids) and forget.kind == "poison"
+    assert len(unlearning.parse_forget("poison:all", poisoned).ids) == len(poisoned.poison.poisoned_ids)
+    coarse = unlearning.load_dataset("digits+coarse:0,1,2,3,4/5,6,7,8,9")
+    assert coarse.num_classes == 2 and len(unlearning.parse_forget("subclass:7", coarse).ids) > 0
+
+
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        ("digits+poison:rate=2", "poison rate"),
+        ("digits+poison:speed=1", "unknown poison option 'speed'"),
+        ("digits+poison:rate=x", "not a number"),
+        ("digits+blur:3", "unknown modifier 'blur'"),
+        ("digits+coarse:0,1/2,x", "coarse groups"),
+        ("digits+coarse:0,1/2,3", "leave classes"),
+    ],
+)
+def test_bad_data_spec_modifiers_are_refused(spec, message):
+    with pytest.raises(unlearning.UserError, match=message):
+        unlearning.load_dataset(spec)
+
+
+def test_poison_forget_spec_needs_a_poisoned_data_set(digits):
+    with pytest.raises(unlearning.UserError, match="no poison"):
+        unlearning.parse_forget("poison:identified", digits)

@@ -9,6 +9,10 @@ Sources (DESIGN.md, files): `digits` (scikit-learn's, built in); a Parquet file 
 `label` and `image` (PNG/JPEG bytes) or `features`; a directory holding `train.parquet` and
 `test.parquet`; an image folder with one sub-folder per class. A single file or folder gets a
 seeded held-out test split (`TEST_FRACTION`, `SPLIT_SEED`), recorded in `Dataset.notes`.
+
+Benchmark tasks are modifiers appended to any source, all seeded and reproducible:
+`digits+poison:rate=0.01,identified=0.2,seed=0,target=0` (SPEC.md section 6) and
+`DIR+coarse:0,1,8,9/2,3,4,5,6,7` (coarse classes, fine labels kept for `subclass:K`).
 """
 
 from __future__ import annotations
@@ -85,6 +89,7 @@ class Dataset:
     class_names: list[str]
     fingerprint: str
     notes: dict = field(default_factory=dict)
+    poison: PoisonTask | None = None  # set by the `+poison:` modifier
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -264,8 +269,41 @@ def _check_labels(dataset: Dataset, where: str) -> None:
 
 
 def load_dataset(spec: str | os.PathLike) -> Dataset:
-    """`digits`, a Parquet file, a directory with train/test Parquet, or an image folder."""
-    spec = str(spec)
+    """`digits`, a Parquet file, a directory with train/test Parquet, or an image folder,
+    optionally followed by `+poison:...` or `+coarse:...` modifiers."""
+    base, *modifiers = str(spec).split("+")
+    dataset = _load_source(base)
+    for modifier in modifiers:
+        dataset = _apply_modifier(dataset, modifier, str(spec))
+    return dataset
+
+
+def _apply_modifier(dataset: Dataset, modifier: str, spec: str) -> Dataset:
+    name, _, arguments = modifier.partition(":")
+    if name == "coarse":
+        try:
+            groups = [[int(k) for k in group.split(",")] for group in arguments.split("/")]
+        except ValueError:
+            raise UserError(f"data spec {spec!r}: coarse groups look like 0,1,8,9/2,3,4,5,6,7") from None
+        return coarse_task(dataset, groups)
+    if name == "poison":
+        allowed = {"rate": float, "identified": float, "seed": int, "target": int, "patch": int}
+        options = {}
+        for item in filter(None, arguments.split(",")):
+            key, _, value = item.partition("=")
+            if key not in allowed:
+                raise UserError(f"data spec {spec!r}: unknown poison option {key!r} (known: {', '.join(allowed)})")
+            try:
+                options[key] = allowed[key](value)
+            except ValueError:
+                raise UserError(f"data spec {spec!r}: poison option {key}={value!r} is not a number") from None
+        if "identified" in options:
+            options["identified_fraction"] = options.pop("identified")
+        return poison_task(dataset, **options).dataset
+    raise UserError(f"data spec {spec!r}: unknown modifier {name!r} (known: poison, coarse)")
+
+
+def _load_source(spec: str) -> Dataset:
     if spec == "digits":
         return load_digits_dataset()
     path = Path(spec)
@@ -305,10 +343,19 @@ def _class_index(text: str, dataset: Dataset, what: str, limit: int) -> int:
 
 
 def parse_forget(spec: str, dataset: Dataset, seed: int = 0) -> ForgetSet:
-    """`class:K[,K2]`, `subclass:K` (a fine class), `random:N[:SEED]`, or a file of ids."""
+    """`class:K[,K2]`, `subclass:K` (a fine class), `random:N[:SEED]`, `poison:identified`,
+    `poison:all`, or a file of ids."""
     spec = str(spec).strip()
     train = dataset.train
-    if spec.startswith("class:"):
+    if spec.startswith("poison:"):
+        if dataset.poison is None:
+            raise UserError(f"forget spec {spec}: the data set has no poison (use DATA+poison:rate=...)")
+        which = spec[7:]
+        if which not in ("identified", "all"):
+            raise UserError(f"forget spec {spec}: expected poison:identified or poison:all")
+        ids = dataset.poison.identified.ids if which == "identified" else dataset.poison.poisoned_ids
+        forget = ForgetSet(spec, "poison", ids)
+    elif spec.startswith("class:"):
         classes = [_class_index(t, dataset, spec, dataset.num_classes) for t in spec[6:].split(",")]
         ids = train.ids[torch.isin(train.labels, torch.tensor(classes))]
         forget = ForgetSet(spec, "class", ids, classes)
@@ -458,7 +505,10 @@ def poison_task(
     )
     test = dataset.test.where(dataset.test.labels != target)
     triggered = Split(test.ids, add_trigger(test.inputs, channel_max, patch), test.labels)
-    identified = ForgetSet(
-        f"poison-identified:{identified_fraction}", "ids", train.ids[identified_rows]
+    identified = ForgetSet("poison:identified", "poison", train.ids[identified_rows])
+    task = PoisonTask(poisoned, train.ids[rows], identified, triggered, clean_labels, target)
+    poisoned.poison = task
+    poisoned.notes["poison"].update(
+        {"identified_fraction": identified_fraction, "poisoned": n_poison, "identified": n_identified}
     )
-    return PoisonTask(poisoned, train.ids[rows], identified, triggered, clean_labels, target)
+    return task

@@ -30,14 +30,16 @@ def evaluate_model(
     poison: PoisonTask | None = None,
     random_model: nn.Module | None = None,
 ) -> dict:
+    poison = poison if poison is not None else dataset.poison
     if forget is None:
         test_logits = predict_logits(model, dataset.test, normalize)
         train_logits = predict_logits(model, dataset.train, normalize)
-        return {
+        metrics = {
             "train_acc": accuracy_from_logits(train_logits, dataset.train.labels),
             "test_acc": accuracy_from_logits(test_logits, dataset.test.labels),
             "per_class_test_acc": per_class_accuracy(test_logits, dataset.test.labels, dataset.num_classes),
         }
+        return {**metrics, **(_poison_metrics(model, dataset, poison, normalize) if poison else {})}
     retain_split, forget_split = split_forget(dataset, forget)
     retain_logits = predict_logits(model, retain_split, normalize)
     forget_logits = predict_logits(model, forget_split, normalize)
@@ -61,10 +63,15 @@ def evaluate_model(
     if random_model is not None:
         metrics["zrf"] = zrf_score(forget_logits, predict_logits(random_model, forget_split, normalize))
     if poison is not None:
-        metrics["attack_success_rate"] = attack_success_rate(
-            model, poison.triggered_test, poison.target, normalize
-        )
-        rows = dataset.index_of(poison.poisoned_ids)
-        poisoned_logits = predict_logits(model, dataset.train.subset(rows), normalize)
-        metrics["poisoned_clean_acc"] = accuracy_from_logits(poisoned_logits, poison.clean_labels)
+        metrics.update(_poison_metrics(model, dataset, poison, normalize))
     return metrics
+
+
+def _poison_metrics(model, dataset: Dataset, poison: PoisonTask, normalize) -> dict:
+    """Attack success rate on triggered test images; poisoned training rows vs clean labels."""
+    rows = poison.dataset.index_of(poison.poisoned_ids)
+    poisoned_logits = predict_logits(model, poison.dataset.train.subset(rows), normalize)
+    return {
+        "attack_success_rate": attack_success_rate(model, poison.triggered_test, poison.target, normalize),
+        "poisoned_clean_acc": accuracy_from_logits(poisoned_logits, poison.clean_labels),
+    }

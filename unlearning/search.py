@@ -163,3 +163,11 @@ def forget_target(
 
 
 CLASS_TARGET = 0.01
+POISON_RHO = 0.1  # default rho for poison requests (the paper sweeps 0 ... 0.75)
+
+
+def request_rho(request_kind: str, rho: float | None) -> float | None:
+    """The rho a request uses: the given one, else POISON_RHO for poison requests."""
+    if rho is None and request_kind == "poison":
+        return POISON_RHO
+    return rho

@@ -5,7 +5,7 @@ from __future__ import annotations
 from unlearning.dampening import adaptive_alpha, check_strengths, ssd
 from unlearning.errors import UserError
 from unlearning.methods import MethodOutput, UnlearningTask, register_method
-from unlearning.search import forget_target, ptn_schedule, sequential_search
+from unlearning.search import forget_target, ptn_schedule, request_rho, sequential_search
 
 
 def _fixed(task: UnlearningTask, kind: str, reference: str, alpha: float, lam: float) -> MethodOutput:
@@ -63,7 +63,7 @@ def ptn_method(
     """PTN-style search: the least aggressive dampening that brings D_f accuracy to the target."""
     if reference not in ("full", "retain"):
         raise UserError(f"ptn reference must be 'full' or 'retain', got {reference!r}")
-    rho = rho if rho is not None else task.rho
+    rho = request_rho(task.forget.kind, rho if rho is not None else task.rho)
     if target is None:
         target = forget_target(
             task.forget.kind,
@@ -90,3 +90,11 @@ def ptn_method(
         }
     )
     return output
+
+
+@register_method("potion_ptn", target=None, rho=None, growth=1.1, max_steps=500)
+def potion_ptn_method(
+    task: UnlearningTask, target: float | None, rho: float | None, growth: float, max_steps: int
+) -> MethodOutput:
+    """Potion + PTN: l2-norm importance, I^D on D_r, the PTN walk to rho x A_0 (poison)."""
+    return ptn_method(task, "l2_norm", "retain", target, rho, growth, max_steps)
