@@ -143,6 +143,8 @@ def dataset_fingerprint(spec: str | os.PathLike) -> str:
 def describe_training_rows(spec: str | os.PathLike) -> TrainingRows:
     """Where each training row of `spec` lives; cheap (footers, file lists, digests)."""
     spec = str(spec)
+    if "+" in spec:  # load_dataset's task modifiers rewrite rows; they are not streamed (yet)
+        raise UserError(f"data spec {spec!r}: modifiers such as +poison/+coarse are not supported on Ray")
     if spec == "digits":
         train = unlearning.load_dataset("digits")
         return TrainingRows(

@@ -24,7 +24,14 @@ import torch
 
 from unlearning.errors import UserError
 from unlearning.methods import MethodOutput, UnlearningTask
-from unlearning.search import SearchResult, Step, first_meeting, forget_target, ptn_schedule
+from unlearning.search import (
+    SearchResult,
+    Step,
+    first_meeting,
+    forget_target,
+    ptn_schedule,
+    request_rho,
+)
 
 PTN_METRIC = "forget_acc"
 
