@@ -132,6 +132,7 @@ def cmd_forget(args) -> int:
         search=args.search,
         track=not args.no_track,
         model_name=args.model_name,
+        compare_retrain=args.compare_retrain,
     )
     if not args.importance:
         print(
@@ -258,6 +259,7 @@ def _request_arguments(forget: argparse.ArgumentParser, search_required: bool) -
                         help="a tune_configs/*.yaml search (PTN or TPE) run on Ray Tune")
     forget.add_argument("--model-name", help="registered model name in MLflow (default: ARCH-DATA)")
     forget.add_argument("--no-track", action="store_true", help="do not record the request in MLflow")
+    forget.add_argument("--compare-retrain", action="store_true", help="also retrain from scratch, for comparison")
     forget.set_defaults(func=cmd_forget)
 
 

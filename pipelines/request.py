@@ -38,6 +38,8 @@ class ForgetOptions:
     device: str = field(default_factory=default_device)
     rho: float | None = None
     search: str | None = None  # a tune_configs/*.yaml file: search on Ray Tune instead
+    compare_retrain: bool = False  # also retrain from scratch and report it alongside
+    plots: bool = True  # report.md and PNGs in the run directory
     track: bool = True  # record the request in MLflow
     model_name: str | None = None  # registered model name (default: <arch>-<data set>)
 
@@ -220,17 +222,30 @@ def run_forget(
     report = build_report(prepared, method, output, seconds, data_spec)
     report["seed"] = options.seed
     report["removed_before"] = len(removed_before)
-    publish = None
+    if options.compare_retrain:
+        retrained, retrain_seconds = run_method_timed(prepared, "retrain", {})
+        report["retrain_metrics"] = evaluate_model(
+            retrained.model.to(prepared.task.device), prepared.dataset, prepared.forget, prepared.task.normalize
+        )
+        report["retrain_seconds"] = retrain_seconds["unlearn"]
+    name = None
     if options.track:
-        from pipelines.tracking import log_request
-
         meta = model_meta(prepared.model)
         name = (version or {}).get("name") or options.model_name or f"{meta['arch']}-{prepared.dataset.name}"
 
-        def publish(staging: Path) -> dict:
-            return log_request(
-                report, staging, name, model_path, unlearning.model_fingerprint(prepared.model), trials
-            )
+    def publish(staging: Path) -> dict | None:
+        files = []
+        if options.plots:
+            from pipelines.report import write_report_files
+
+            files = write_report_files(prepared.task, report, prepared.dataset.class_names, staging)
+        if not options.track:
+            return None
+        from pipelines.tracking import log_request
+
+        return log_request(
+            report, staging, name, model_path, unlearning.model_fingerprint(prepared.model), trials, files
+        )
 
     write_run(out, output.model, report, prepared.forget, publish)
     return report

@@ -152,7 +152,7 @@ def log_request(
     parent_checkpoint: str,
     parent_fingerprint: str,
     trials: list[dict] | None = None,
-    plots: list[Path] | None = None,
+    report_files: list[Path] | None = None,
 ) -> dict:
     """Log one finished request and register its model; returns the `mlflow` report entry."""
     mlflow = _mlflow()
@@ -179,8 +179,8 @@ def log_request(
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         mlflow.log_artifact(str(run_dir / "forget_ids.txt"))
-        for plot in plots or []:
-            mlflow.log_artifact(str(plot), artifact_path="plots")
+        for plot in report_files or []:
+            mlflow.log_artifact(str(plot), artifact_path="report")
         entry = {"run_id": run.info.run_id, "model_name": model_name, "parent_version": str(parent.version)}
         version = client.create_model_version(
             model_name,
