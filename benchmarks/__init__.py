@@ -1,0 +1,1 @@
+"""Amnesis benchmarks: speed figures and the papers' experiments (see RESULTS.md)."""

@@ -1,0 +1,190 @@
+"""Throughput of distributed importance against a bare single-process PyTorch loop.
+
+Same model (resnet_small, width 16), same rows (the first --rows of CIFAR-10's train split),
+same batch size, kind and mode, same total cores: the bare loop runs with all of them as torch
+threads and with one (the faster is the baseline); the pipeline gives its workers the same cores
+(1 worker x 2 threads, 2 workers x 1).
+Both decode PNGs and normalise. Reported per run:
+  end-to-end rows/s   wall time of the call, Ray Train/Data start-up included
+  streaming rows/s    from the first batch ready on any worker to the last worker done
+  peak RSS            driver (sampled during the call), Train workers, Ray Data task workers
+
+    .venv/bin/python -m benchmarks.importance_throughput --rows 8000
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+import unlearning
+from pipelines.importance import compute_importance_on_ray
+from pipelines.ray_session import available_cpus, ensure_ray
+from unlearning.data import decode_image, normalize_batch
+
+CIFAR = Path("/work/shared/data/cifar10")
+CIFAR_NORMALIZE = {"mean": [0.4914, 0.4822, 0.4465], "std": [0.247, 0.2435, 0.2616]}
+
+
+def _processes():
+    """(pid, title, peak RSS in MiB) of every process we can read, from /proc (VmHWM)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            title = (entry / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            status = (entry / "status").read_text()
+        except OSError:
+            continue
+        for line in status.splitlines():
+            if line.startswith("VmHWM:"):
+                yield int(entry.name), title, int(line.split()[1]) / 1024
+
+
+class PeakRss:
+    """Samples peak RSS (VmHWM) of this process and of Ray's worker processes every 0.2 s."""
+
+    def __init__(self):
+        self.peaks: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def _kind(pid: int, title: str) -> str | None:
+        if pid == os.getpid():
+            return "driver"
+        if "RayTrainWorker" in title:
+            return "train_worker"
+        if "MapBatches" in title:
+            return "data_task"
+        return None
+
+    def _run(self):
+        while True:
+            for pid, title, mib in _processes():
+                kind = self._kind(pid, title)
+                if kind:
+                    self.peaks[kind] = max(self.peaks.get(kind, 0.0), mib)
+            if self._stop.wait(0.2):
+                return
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def make_subset(rows: int, directory: Path) -> Path:
+    """train.parquet = the first `rows` CIFAR-10 training rows; test.parquet = 100 test rows."""
+    data = directory / f"cifar10-{rows}"
+    data.mkdir()
+    train = pq.ParquetFile(CIFAR / "train.parquet")
+    writer = None
+    taken = 0
+    for batch in train.iter_batches(batch_size=1000):
+        batch = batch.slice(0, rows - taken)
+        if writer is None:
+            writer = pq.ParquetWriter(data / "train.parquet", batch.schema)
+        writer.write_batch(batch, row_group_size=1000)
+        taken += len(batch)
+        if taken >= rows:
+            break
+    writer.close()
+    pq.write_table(pq.read_table(CIFAR / "test.parquet").slice(0, 100), data / "test.parquet")
+    return data
+
+
+def bare_loop(model_path: Path, data: Path, kind: str, mode: str, batch_size: int, threads: int):
+    """Decode + normalise + compute_importance_sums in one process, streaming the Parquet file."""
+    torch.set_num_threads(threads)
+    model = unlearning.load_model(model_path)
+    normalize = model.amnesis_meta["normalize"]
+
+    def batches():  # fixed batches of consecutive rows, as Split.batches forms them
+        images, labels = [], []
+        for record_batch in pq.ParquetFile(data / "train.parquet").iter_batches(batch_size=batch_size):
+            images += record_batch.column("image").to_pylist()
+            labels += record_batch.column("label").to_pylist()
+            while len(images) >= batch_size:
+                yield decoded(images[:batch_size], labels[:batch_size])
+                images, labels = images[batch_size:], labels[batch_size:]
+        if images:
+            yield decoded(images, labels)
+
+    def decoded(images, labels):
+        inputs = torch.from_numpy(np.stack([decode_image(b) for b in images]))
+        return normalize_batch(inputs, normalize), torch.tensor(labels, dtype=torch.int64)
+
+    started = time.perf_counter()
+    sums = unlearning.compute_importance_sums(model, batches(), kind, mode)
+    return sums, time.perf_counter() - started
+
+
+def worst_relative_difference(a: unlearning.ImportanceSums, b: unlearning.ImportanceSums) -> float:
+    return max(float((a.sums[n] - b.sums[n]).abs().max() / b.sums[n].abs().max()) for n in b.sums)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=8000)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--kind", default="fisher")
+    parser.add_argument("--mode", default="batch")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    args = parser.parse_args()
+    cores = available_cpus()
+
+    scratch = Path(tempfile.mkdtemp(prefix="amnesis-bench-"))
+    try:
+        data = make_subset(args.rows, scratch)
+        model = unlearning.new_model("resnet_small", 10, (3, 32, 32), CIFAR_NORMALIZE, seed=0, width=16)
+        unlearning.save_model(model, scratch / "model")
+        print(f"{args.rows} CIFAR-10 rows, resnet_small w16, {args.kind}/{args.mode}, batch {args.batch_size}, {cores} cores")
+
+        # The baseline is the bare loop's best thread count within the same cores: on a loaded
+        # machine OpenMP threads that outnumber the free cores can be several times slower.
+        bare_rate = 0.0
+        for threads in sorted({cores, 1}, reverse=True):
+            with PeakRss() as memory:
+                sums, seconds = bare_loop(scratch / "model", data, args.kind, args.mode, args.batch_size, threads)
+            if args.rows / seconds > bare_rate:
+                bare_rate, reference = args.rows / seconds, sums
+            print(f"bare loop ({threads} thread(s)): {seconds:7.1f} s  {args.rows / seconds:7.1f} rows/s  driver peak RSS {memory.peaks['driver']:.0f} MiB")
+        print(f"baseline: {bare_rate:.1f} rows/s")
+
+        ensure_ray()
+        for workers in args.workers:
+            with PeakRss() as memory:
+                started = time.perf_counter()
+                sums = compute_importance_on_ray(
+                    scratch / "model", data, workers, args.kind, args.mode, args.batch_size, progress=False
+                )
+                seconds = time.perf_counter() - started
+            streaming = sums.meta["seconds_streaming"]
+            peaks = memory.peaks
+            print(
+                f"ray, {workers} worker(s): {seconds:7.1f} s  end-to-end {args.rows / seconds:7.1f} rows/s "
+                f"({args.rows / seconds / bare_rate:4.0%} of bare); streaming {streaming:6.1f} s "
+                f"{args.rows / streaming:7.1f} rows/s ({args.rows / streaming / bare_rate:4.0%} of bare); "
+                f"peak RSS driver {peaks.get('driver', 0):.0f} MiB, train worker {peaks.get('train_worker', 0):.0f} MiB, "
+                f"data task {peaks.get('data_task', 0):.0f} MiB; worst rel. diff vs bare "
+                f"{worst_relative_difference(sums, reference):.1e}"
+            )
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
