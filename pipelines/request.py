@@ -40,6 +40,7 @@ class ForgetOptions:
     search: str | None = None  # a tune_configs/*.yaml file: search on Ray Tune instead
     compare_retrain: bool = False  # also retrain from scratch and report it alongside
     plots: bool = True  # report.md and PNGs in the run directory
+    batch_tag: str | None = None  # the ledger batch this request belongs to (a registry tag)
     track: bool = True  # record the request in MLflow
     model_name: str | None = None  # registered model name (default: <arch>-<data set>)
 
@@ -241,11 +242,15 @@ def run_forget(
             files = write_report_files(prepared.task, report, prepared.dataset.class_names, staging)
         if not options.track:
             return None
+        from pipelines.faults import pause_point
         from pipelines.tracking import log_request
 
-        return log_request(
-            report, staging, name, model_path, unlearning.model_fingerprint(prepared.model), trials, files
+        entry = log_request(
+            report, staging, name, model_path, unlearning.model_fingerprint(prepared.model), trials, files,
+            extra_tags={"batch_id": options.batch_tag} if options.batch_tag else None,
         )
+        pause_point("logged")  # registered in MLflow, run directory not yet in place
+        return entry
 
     write_run(out, output.model, report, prepared.forget, publish)
     return report

@@ -153,6 +153,7 @@ def log_request(
     parent_fingerprint: str,
     trials: list[dict] | None = None,
     report_files: list[Path] | None = None,
+    extra_tags: dict | None = None,
 ) -> dict:
     """Log one finished request and register its model; returns the `mlflow` report entry."""
     mlflow = _mlflow()
@@ -195,6 +196,7 @@ def log_request(
                 "forget_size": str(report["forget"]["size"]),
                 "forget_manifest_hash": report["forget"]["manifest_hash"],
                 "method": report["method"],
+                **(extra_tags or {}),
             },
         )
         client.set_registered_model_alias(model_name, CURRENT_ALIAS, version.version)
@@ -263,3 +265,34 @@ def lineage_removed_ids(model_name: str, version: str) -> list[int]:
             removed.extend(removed_ids(model_name, current))
         current = tags.get("parent_version", "")
     return sorted(set(removed))
+
+
+def version_info(model_name: str, alias: str = CURRENT_ALIAS) -> dict | None:
+    """The version an alias points to, or None if the model or alias does not exist."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client()
+    try:
+        version = client.get_model_version_by_alias(model_name, alias)
+    except MlflowException:
+        return None
+    return {"version": str(version.version), "tags": dict(version.tags), "run_id": version.run_id}
+
+
+def find_batch_version(model_name: str, batch_tag: str) -> dict | None:
+    """A version already registered for a ledger batch (an interrupted run got that far)."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client()
+    try:
+        versions = client.search_model_versions(f"name = '{model_name}'")
+    except MlflowException:
+        return None
+    for version in versions:
+        if version.tags.get("batch_id") == batch_tag:
+            return {"version": str(version.version), "tags": dict(version.tags), "run_id": version.run_id}
+    return None
+
+
+def register_alias(model_name: str, version: str, alias: str = CURRENT_ALIAS) -> None:
+    _client().set_registered_model_alias(model_name, alias, version)

@@ -46,5 +46,11 @@ def assert_state_equal(model, state):
 @pytest.fixture(autouse=True)
 def isolated_mlflow(tmp_path, monkeypatch):
     """Each test gets its own MLflow store (never the working directory's mlflow.db)."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)  # the process-wide default too, not only child processes'
     monkeypatch.chdir(tmp_path)  # artifacts of a sqlite store land under ./mlruns
+    yield
+    mlflow.set_tracking_uri(None)
