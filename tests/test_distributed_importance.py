@@ -244,3 +244,14 @@ def test_killed_worker_is_retried_and_batch_mode_still_equals_single_process(
     reference = single_process(parquet_checkpoint, parquet_file, "fisher", "batch", PARQUET_BATCH)
     assert reference.count == 7
     assert_sums_match(distributed, reference)
+
+
+@pytest.mark.parametrize("source", ["digits", "parquet_file", "image_folder"])
+def test_workers_use_the_memory_layout_load_dataset_uses(source, request, digits_checkpoint, parquet_checkpoint):
+    """Convolutions round differently over channels-last memory (~1e-3 for resnet_small)."""
+    spec = "digits" if source == "digits" else str(request.getfixturevalue(source))
+    checkpoint = digits_checkpoint if source == "digits" else parquet_checkpoint
+    rows = pipeline.describe_training_rows(spec)
+    inputs = unlearning.load_dataset(spec).train.inputs
+    expected = not inputs.is_contiguous() and inputs.is_contiguous(memory_format=torch.channels_last)
+    assert pipeline._check_first_row(rows, unlearning.load_model(checkpoint)) == expected
