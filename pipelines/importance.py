@@ -40,10 +40,10 @@ from unlearning.data import (
     IMAGE_SUFFIXES,
     SPLIT_SEED,
     TEST_FRACTION,
-    _file_digest,
-    _fingerprint_bytes,
     decode_image,
     decode_images,
+    file_digest,
+    fingerprint_bytes,
     normalize_batch,
 )
 from unlearning.errors import UserError
@@ -164,14 +164,14 @@ def describe_training_rows(spec: str | os.PathLike) -> TrainingRows:
         if not test_path.exists():
             raise UserError(f"{path} has train.parquet but no test.parquet")
         num_rows, starts, kind = _parquet_layout(train_path)
-        fingerprint = _fingerprint_bytes(_file_digest(train_path), _file_digest(test_path))
+        fingerprint = fingerprint_bytes(file_digest(train_path), file_digest(test_path))
         return TrainingRows(spec, num_rows, kind, fingerprint, str(train_path), starts)
     if path.is_file():
         total, starts, kind = _parquet_layout(path)
         if total < 2:
             raise UserError(f"{path}: the training split is empty")
         positions = _held_out_train_positions(total)
-        fingerprint = _fingerprint_bytes(_file_digest(path), f"{TEST_FRACTION}/{SPLIT_SEED}".encode())
+        fingerprint = fingerprint_bytes(file_digest(path), f"{TEST_FRACTION}/{SPLIT_SEED}".encode())
         return TrainingRows(spec, len(positions), kind, fingerprint, str(path), starts, positions)
     return _describe_image_folder(path)
 
@@ -186,10 +186,10 @@ def _describe_image_folder(path: Path) -> TrainingRows:
                 files.append(str(file))
                 labels.append(label)
                 digest.update(str(file.relative_to(path)).encode())
-                digest.update(_file_digest(file))
+                digest.update(file_digest(file))
     if not files:
         raise UserError(f"{path}: no images found in its class sub-folders")
-    fingerprint = _fingerprint_bytes(digest.digest(), f"{TEST_FRACTION}/{SPLIT_SEED}".encode())
+    fingerprint = fingerprint_bytes(digest.digest(), f"{TEST_FRACTION}/{SPLIT_SEED}".encode())
     positions = _held_out_train_positions(len(files))
     return TrainingRows(
         spec=str(path),

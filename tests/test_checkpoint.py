@@ -102,3 +102,12 @@ def test_importance_store_round_trip_and_refusal(digits, digits_model, tmp_path)
     other = unlearning.new_model("small_cnn", 10, (1, 8, 8), seed=5)
     with pytest.raises(unlearning.UserError, match="computed for model"):
         unlearning.load_importance(tmp_path / "store", other)
+
+
+def test_models_with_batchnorm_round_trip(tmp_path):
+    """BatchNorm's num_batches_tracked is a 0-d int64 tensor: fingerprints must handle it."""
+    model = unlearning.new_model("resnet_small", 10, (3, 32, 32), seed=0, width=4)
+    fingerprint = unlearning.save_model(model, tmp_path / "resnet")
+    loaded = unlearning.load_model(tmp_path / "resnet")
+    assert unlearning.model_fingerprint(loaded) == fingerprint
+    assert_state_equal(loaded, model.state_dict())

@@ -116,14 +116,14 @@ class Dataset:
         return order[position]
 
 
-def _fingerprint_bytes(*parts: bytes) -> str:
+def fingerprint_bytes(*parts: bytes) -> str:
     digest = hashlib.sha256()
     for part in parts:
         digest.update(part)
     return digest.hexdigest()[:16]
 
 
-def _file_digest(path: Path) -> bytes:
+def file_digest(path: Path) -> bytes:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
@@ -157,7 +157,7 @@ def load_digits_dataset() -> Dataset:
     images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
     labels = torch.tensor(digits.target, dtype=torch.int64)
     ids = torch.arange(len(labels), dtype=torch.int64)
-    fp = _fingerprint_bytes(b"digits", images.numpy().tobytes(), labels.numpy().tobytes())
+    fp = fingerprint_bytes(b"digits", images.numpy().tobytes(), labels.numpy().tobytes())
     return _held_out(ids, images, labels, "digits", 10, "image", [str(d) for d in range(10)], fp)
 
 
@@ -220,7 +220,7 @@ def load_parquet_dataset(path: Path) -> Dataset:
         train_ids, train_x, train_y, kind, names = read_parquet_split(train_path)
         test_ids, test_x, test_y, _, _ = read_parquet_split(test_path)
         num_classes = int(max(train_y.max(), test_y.max())) + 1
-        fp = _fingerprint_bytes(_file_digest(train_path), _file_digest(test_path))
+        fp = fingerprint_bytes(file_digest(train_path), file_digest(test_path))
         dataset = Dataset(
             name=path.name,
             train=Split(train_ids, train_x, train_y),
@@ -233,7 +233,7 @@ def load_parquet_dataset(path: Path) -> Dataset:
     else:
         ids, inputs, labels, kind, names = read_parquet_split(path)
         num_classes = int(labels.max()) + 1
-        fp = _fingerprint_bytes(_file_digest(path), f"{TEST_FRACTION}/{SPLIT_SEED}".encode())
+        fp = fingerprint_bytes(file_digest(path), f"{TEST_FRACTION}/{SPLIT_SEED}".encode())
         names = names or [str(k) for k in range(num_classes)]
         dataset = _held_out(ids, inputs, labels, path.stem, num_classes, kind, names, fp)
     _check_labels(dataset, str(path))
@@ -254,8 +254,8 @@ def load_image_folder(path: Path) -> Dataset:
     digest = hashlib.sha256()
     for file in files:
         digest.update(str(file.relative_to(path)).encode())
-        digest.update(_file_digest(file))
-    fp = _fingerprint_bytes(digest.digest(), f"{TEST_FRACTION}/{SPLIT_SEED}".encode())
+        digest.update(file_digest(file))
+    fp = fingerprint_bytes(digest.digest(), f"{TEST_FRACTION}/{SPLIT_SEED}".encode())
     ids = torch.arange(len(files), dtype=torch.int64)
     return _held_out(ids, inputs, torch.tensor(labels), path.name, len(classes), "image", classes, fp)
 
@@ -329,7 +329,7 @@ class ForgetSet:
     classes: list[int] = field(default_factory=list)
 
     def manifest_hash(self) -> str:
-        return _fingerprint_bytes(np.sort(self.ids.numpy()).astype(np.int64).tobytes())
+        return fingerprint_bytes(np.sort(self.ids.numpy()).astype(np.int64).tobytes())
 
 
 def _class_index(text: str, dataset: Dataset, what: str, limit: int) -> int:
@@ -441,7 +441,7 @@ def coarse_task(dataset: Dataset, groups: list[list[int]]) -> Dataset:
         test=relabel(dataset.test),
         num_classes=len(groups),
         class_names=["+".join(dataset.class_names[f] for f in g) for g in groups],
-        fingerprint=_fingerprint_bytes(dataset.fingerprint.encode(), repr(groups).encode()),
+        fingerprint=fingerprint_bytes(dataset.fingerprint.encode(), repr(groups).encode()),
         notes={**dataset.notes, "coarse_groups": groups},
     )
 
@@ -498,7 +498,7 @@ def poison_task(
     poisoned = replace(
         dataset,
         train=Split(train.ids, inputs, labels, train.fine_labels),
-        fingerprint=_fingerprint_bytes(
+        fingerprint=fingerprint_bytes(
             dataset.fingerprint.encode(), f"poison/{rate}/{target}/{seed}/{patch}".encode()
         ),
         notes={**dataset.notes, "poison": {"rate": rate, "target": target, "seed": seed}},
