@@ -180,6 +180,21 @@ def cmd_importance(args) -> int:
     return run_importance_command(args) or 0
 
 
+# ------------------------------------------------------------------ ui
+
+
+def cmd_ui(args) -> int:
+    """MLflow's own UI on the store every command writes to."""
+    from pipelines.tracking import tracking_uri
+
+    uri = tracking_uri()
+    print(f"MLflow UI for {uri} at http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+               "--host", args.host, "--port", str(args.port)]
+    os.execv(sys.executable, command)
+    return 0  # not reached
+
+
 # ------------------------------------------------------------------ demo
 
 
@@ -311,6 +326,11 @@ def build_parser() -> argparse.ArgumentParser:
     for sub in (add, listing, show, process):
         sub.add_argument("--ledger", help="SQLAlchemy URL (default: AMNESIS_LEDGER_URL or sqlite:///requests.db)")
     requests.set_defaults(func=cmd_requests)
+
+    ui = commands.add_parser("ui", help="browse runs and model versions in MLflow's UI")
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.set_defaults(func=cmd_ui)
 
     demo = commands.add_parser("demo", help="the quick-start on the built-in digits data")
     demo.add_argument("--root", default="demo-output", help="where the run directory is created")

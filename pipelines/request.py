@@ -240,6 +240,7 @@ def run_forget(
             from pipelines.report import write_report_files
 
             files = write_report_files(prepared.task, report, prepared.dataset.class_names, staging)
+            report["has_plots"] = True
         if not options.track:
             return None
         from pipelines.faults import pause_point

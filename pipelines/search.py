@@ -58,12 +58,18 @@ class SearchConfig:
     seed: int = 0
 
 
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "tune_configs"
+
+
 def load_search_config(path: str | Path) -> SearchConfig:
+    """A YAML file, or the name of one in tune_configs/ (`ptn`, `potion_ptn`, `tpe`)."""
     import yaml
 
     path = Path(path)
+    if not path.is_file() and (CONFIG_DIR / f"{path}.yaml").is_file():
+        path = CONFIG_DIR / f"{path}.yaml"
     if not path.is_file():
-        raise UserError(f"search config {path} does not exist")
+        raise UserError(f"search config {path} does not exist (nor tune_configs/{path}.yaml)")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:

@@ -34,18 +34,20 @@ def format_table(rows: list[tuple[str, dict, float | None]]) -> str:
 def print_report(report: dict, out: str) -> None:
     params = ", ".join(f"{k}={_short(v)}" for k, v in report["params"].items() if v is not None)
     print(f"{report['method']} ({params}) forgot {report['forget']['size']} samples [{report['forget']['spec']}]")
-    print(
-        format_table(
-            [
-                ("original", report["original_metrics"], None),
-                (report["method"], report["metrics"], report["seconds"]["total"]),
-            ]
-        )
-    )
+    rows = [
+        ("original", report["original_metrics"], None),
+        (f"unlearned ({report['method']})", report["metrics"], report["seconds"]["total"]),
+    ]
+    if report.get("retrain_metrics"):
+        rows.append(("retrained from scratch", report["retrain_metrics"], report.get("retrain_seconds")))
+    print(format_table(rows))
     details = report.get("details", {})
     if details.get("reached") is False:
         print("warning: the search did not reach its target; the most aggressive step was used")
-    print(f"-> {out}")
+    if report.get("mlflow"):
+        entry = report["mlflow"]
+        print(f"MLflow: run {entry['run_id']}, model {entry['model_name']} version {entry['model_version']} (@current)")
+    print(f"-> {out}" + (" (report.md with plots inside)" if report.get("has_plots") else ""))
 
 
 def _short(value) -> str:
