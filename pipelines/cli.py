@@ -98,7 +98,10 @@ def cmd_evaluate(args) -> int:
     model = unlearning.load_model(args.model)
     dataset = unlearning.load_dataset(args.data)
     forget = unlearning.parse_forget(args.forget, dataset, seed=args.seed) if args.forget else None
-    metrics = evaluate_model(model, dataset, forget, model.amnesis_meta.get("normalize"))
+    from pipelines.request import random_reference
+
+    reference = random_reference(model, args.seed) if args.zrf and forget else None
+    metrics = evaluate_model(model, dataset, forget, model.amnesis_meta.get("normalize"), random_model=reference)
     text = json.dumps(metrics, indent=2) + "\n"
     if args.out:
         atomic_write_text(args.out, text)
@@ -133,6 +136,7 @@ def cmd_forget(args) -> int:
         track=not args.no_track,
         model_name=args.model_name,
         compare_retrain=args.compare_retrain,
+        zrf=args.zrf,
     )
     if not args.importance:
         print(
@@ -289,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--forget", help="class:K, subclass:K, random:N[:SEED], or an id file")
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--out", help="also write the JSON here")
+    evaluate.add_argument("--zrf", action="store_true", help="also report ZRF against a random network")
     evaluate.set_defaults(func=cmd_evaluate)
 
     forget = commands.add_parser("forget", help="process one deletion request")
@@ -366,6 +371,7 @@ def _request_arguments(forget: argparse.ArgumentParser, search_required: bool) -
     forget.add_argument("--model-name", help="registered model name in MLflow (default: ARCH-DATA)")
     forget.add_argument("--no-track", action="store_true", help="do not record the request in MLflow")
     forget.add_argument("--compare-retrain", action="store_true", help="also retrain from scratch, for comparison")
+    forget.add_argument("--zrf", action="store_true", help="also report ZRF (similarity to a random network on D_f)")
     forget.set_defaults(func=cmd_forget)
 
 

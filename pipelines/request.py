@@ -39,6 +39,7 @@ class ForgetOptions:
     rho: float | None = None
     search: str | None = None  # a tune_configs/*.yaml file: search on Ray Tune instead
     compare_retrain: bool = False  # also retrain from scratch and report it alongside
+    zrf: bool = False  # also report ZRF against a randomly initialised model of the same architecture
     plots: bool = True  # report.md and PNGs in the run directory
     batch_tag: str | None = None  # the ledger batch this request belongs to (a registry tag)
     track: bool = True  # record the request in MLflow
@@ -116,6 +117,14 @@ def run_method_timed(prepared: PreparedRequest, method: str, params: dict) -> tu
     return output, {"importance": importance, "unlearn": total - importance}
 
 
+def random_reference(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """A randomly initialised model of the same architecture (ZRF's reference)."""
+    meta = model_meta(model)
+    return unlearning.new_model(
+        meta["arch"], meta["num_classes"], tuple(meta["input_shape"]), seed=seed + 1, **meta.get("arch_args", {})
+    ).to(next(model.parameters()).device)
+
+
 def build_report(
     prepared: PreparedRequest,
     method: str,
@@ -123,12 +132,16 @@ def build_report(
     seconds: dict,
     data_spec: str,
     original_metrics: dict | None = None,
+    zrf: bool = False,
 ) -> dict:
     task = prepared.task
     model = output.model.to(task.device)
-    metrics = evaluate_model(model, prepared.dataset, prepared.forget, task.normalize)
+    reference = random_reference(task.model, task.seed) if zrf else None
+    metrics = evaluate_model(model, prepared.dataset, prepared.forget, task.normalize, random_model=reference)
     if original_metrics is None:
-        original_metrics = evaluate_model(task.model, prepared.dataset, prepared.forget, task.normalize)
+        original_metrics = evaluate_model(
+            task.model, prepared.dataset, prepared.forget, task.normalize, random_model=reference
+        )
     if "attack_success_rate" in metrics:
         from unlearning.metrics import healed_fraction
 
@@ -209,6 +222,7 @@ def run_forget(
         model_path, version = resolve_model(model_uri)
         removed_before = lineage_removed_ids(version["name"], version["version"])
     prepared = prepare_request(model_path, data_spec, forget_spec, options, removed_before)
+    prepared.task.progress = progress
     trials: list[dict] = []
     if search_config is not None:
         from pipelines.search import run_search
@@ -220,7 +234,7 @@ def run_forget(
     else:
         method = options.method
         output, seconds = run_method_timed(prepared, method, options.params)
-    report = build_report(prepared, method, output, seconds, data_spec)
+    report = build_report(prepared, method, output, seconds, data_spec, zrf=options.zrf)
     report["seed"] = options.seed
     report["removed_before"] = len(removed_before)
     if options.compare_retrain:

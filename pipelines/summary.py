@@ -8,6 +8,7 @@ COLUMNS = [
     ("test_acc", "test acc"),
     ("test_forget_acc", "test forget-class acc"),
     ("mia", "MIA"),
+    ("zrf", "ZRF"),
     ("attack_success_rate", "attack success"),
     ("healed", "healed"),
 ]

@@ -39,14 +39,17 @@ def test_train_forget_evaluate_round_trip(tmp_path, capsys):
     assert json.loads(out) == evaluated
 
 
-def test_fixed_alpha_lambda_method(tmp_path, capsys, digits_checkpoint):
-    code, _, err = run(
+def test_fixed_alpha_lambda_method_with_zrf(tmp_path, capsys, digits_checkpoint):
+    code, out, err = run(
         capsys, "forget", "--model", digits_checkpoint, "--data", "digits", "--forget", "class:1",
-        "--method", "ssd", "--alpha", "2", "--lambda", "0.5", "--out", tmp_path / "run",
+        "--method", "ssd", "--alpha", "2", "--lambda", "0.5", "--zrf", "--out", tmp_path / "run",
     )
     assert code == 0, err
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["params"] == {"alpha": 2.0, "lambda": 0.5, "kind": "fisher"}
+    # a confident original is far from a random network on D_f; ZRF is a similarity in [0, 1]
+    assert 0 <= report["original_metrics"]["zrf"] < 0.5 and 0 <= report["metrics"]["zrf"] <= 1
+    assert "ZRF" in out
 
 
 @pytest.mark.parametrize(

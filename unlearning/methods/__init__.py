@@ -51,7 +51,7 @@ class UnlearningTask:
     full_importance: dict[str, Tensor] | None = None
     full_importance_kind: str | None = None
     rho: float | None = None  # poison requests: target = rho * original forget accuracy
-    progress: Callable[[str, int], None] | None = None
+    progress: Callable[[dict], None] | None = None  # gets {"step", "forget_acc"} per search step
     cache: dict = field(default_factory=dict)
     importance_seconds: float = 0.0  # time spent computing importances (reported apart)
 

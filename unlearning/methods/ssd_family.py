@@ -77,7 +77,7 @@ def ptn_method(
     on_step = None
     if task.progress is not None:
         def on_step(step, acc):  # noqa: E306 - a one-line progress hook
-            task.progress("search step", 1)
+            task.progress({"step": step.index, "forget_acc": acc})
     result = sequential_search(task.model, full, forget, schedule, task.forget_accuracy, target, on_step)
     chosen = result.step or result.path[-1][0]
     output = _fixed(task, kind, reference, chosen.alpha, chosen.lam)
