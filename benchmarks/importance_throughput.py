@@ -136,6 +136,71 @@ def worst_relative_difference(a: unlearning.ImportanceSums, b: unlearning.Import
     return max(float((a.sums[n] - b.sums[n]).abs().max() / b.sums[n].abs().max()) for n in b.sums)
 
 
+def measure(
+    rows: int = 8000,
+    batch_size: int = 64,
+    kind: str = "fisher",
+    mode: str = "batch",
+    workers: list[int] | tuple[int, ...] = (1, 2),
+    print_fn=print,
+) -> list[dict]:
+    """Run every variant once; one dict per variant (the bare loop's best is the baseline)."""
+    cores = available_cpus()
+    results: list[dict] = []
+    scratch = Path(tempfile.mkdtemp(prefix="amnesis-bench-"))
+    try:
+        data = make_subset(rows, scratch)
+        model = unlearning.new_model("resnet_small", 10, (3, 32, 32), CIFAR_NORMALIZE, seed=0, width=16)
+        unlearning.save_model(model, scratch / "model")
+        print_fn(f"{rows} CIFAR-10 rows, resnet_small w16, {kind}/{mode}, batch {batch_size}, {cores} cores")
+
+        # The baseline is the bare loop's best thread count within the same cores: on a loaded
+        # machine OpenMP threads that outnumber the free cores can be several times slower.
+        bare_rate = 0.0
+        for threads in sorted({cores, 1}, reverse=True):
+            with PeakRss() as memory:
+                sums, seconds = bare_loop(scratch / "model", data, kind, mode, batch_size, threads)
+            if rows / seconds > bare_rate:
+                bare_rate, reference = rows / seconds, sums
+            results.append({
+                "variant": f"bare loop, {threads} thread(s)", "threads": threads, "seconds": seconds,
+                "rows_per_s": rows / seconds, "peak_rss_mib": memory.peaks,
+            })
+            print_fn(f"bare loop ({threads} thread(s)): {seconds:7.1f} s  {rows / seconds:7.1f} rows/s  driver peak RSS {memory.peaks['driver']:.0f} MiB")
+        for result in results:
+            result["baseline"] = result["rows_per_s"] == bare_rate
+        print_fn(f"baseline: {bare_rate:.1f} rows/s")
+
+        ensure_ray()
+        for n_workers in workers:
+            with PeakRss() as memory:
+                started = time.perf_counter()
+                sums = compute_importance_on_ray(
+                    scratch / "model", data, n_workers, kind, mode, batch_size, progress=False
+                )
+                seconds = time.perf_counter() - started
+            streaming = sums.meta["seconds_streaming"]
+            peaks = memory.peaks
+            difference = worst_relative_difference(sums, reference)
+            results.append({
+                "variant": f"ray, {n_workers} worker(s)", "workers": n_workers, "seconds": seconds,
+                "rows_per_s": rows / seconds, "streaming_seconds": streaming, "streaming_rows_per_s": rows / streaming,
+                "vs_bare_end_to_end": rows / seconds / bare_rate, "vs_bare_streaming": rows / streaming / bare_rate,
+                "peak_rss_mib": peaks, "worst_relative_difference": difference, "baseline": False,
+            })
+            print_fn(
+                f"ray, {n_workers} worker(s): {seconds:7.1f} s  end-to-end {rows / seconds:7.1f} rows/s "
+                f"({rows / seconds / bare_rate:4.0%} of bare); streaming {streaming:6.1f} s "
+                f"{rows / streaming:7.1f} rows/s ({rows / streaming / bare_rate:4.0%} of bare); "
+                f"peak RSS driver {peaks.get('driver', 0):.0f} MiB, train worker {peaks.get('train_worker', 0):.0f} MiB, "
+                f"data task {peaks.get('data_task', 0):.0f} MiB; worst rel. diff vs bare "
+                f"{difference:.1e}"
+            )
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=8000)
@@ -144,46 +209,7 @@ def main() -> None:
     parser.add_argument("--mode", default="batch")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     args = parser.parse_args()
-    cores = available_cpus()
-
-    scratch = Path(tempfile.mkdtemp(prefix="amnesis-bench-"))
-    try:
-        data = make_subset(args.rows, scratch)
-        model = unlearning.new_model("resnet_small", 10, (3, 32, 32), CIFAR_NORMALIZE, seed=0, width=16)
-        unlearning.save_model(model, scratch / "model")
-        print(f"{args.rows} CIFAR-10 rows, resnet_small w16, {args.kind}/{args.mode}, batch {args.batch_size}, {cores} cores")
-
-        # The baseline is the bare loop's best thread count within the same cores: on a loaded
-        # machine OpenMP threads that outnumber the free cores can be several times slower.
-        bare_rate = 0.0
-        for threads in sorted({cores, 1}, reverse=True):
-            with PeakRss() as memory:
-                sums, seconds = bare_loop(scratch / "model", data, args.kind, args.mode, args.batch_size, threads)
-            if args.rows / seconds > bare_rate:
-                bare_rate, reference = args.rows / seconds, sums
-            print(f"bare loop ({threads} thread(s)): {seconds:7.1f} s  {args.rows / seconds:7.1f} rows/s  driver peak RSS {memory.peaks['driver']:.0f} MiB")
-        print(f"baseline: {bare_rate:.1f} rows/s")
-
-        ensure_ray()
-        for workers in args.workers:
-            with PeakRss() as memory:
-                started = time.perf_counter()
-                sums = compute_importance_on_ray(
-                    scratch / "model", data, workers, args.kind, args.mode, args.batch_size, progress=False
-                )
-                seconds = time.perf_counter() - started
-            streaming = sums.meta["seconds_streaming"]
-            peaks = memory.peaks
-            print(
-                f"ray, {workers} worker(s): {seconds:7.1f} s  end-to-end {args.rows / seconds:7.1f} rows/s "
-                f"({args.rows / seconds / bare_rate:4.0%} of bare); streaming {streaming:6.1f} s "
-                f"{args.rows / streaming:7.1f} rows/s ({args.rows / streaming / bare_rate:4.0%} of bare); "
-                f"peak RSS driver {peaks.get('driver', 0):.0f} MiB, train worker {peaks.get('train_worker', 0):.0f} MiB, "
-                f"data task {peaks.get('data_task', 0):.0f} MiB; worst rel. diff vs bare "
-                f"{worst_relative_difference(sums, reference):.1e}"
-            )
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    measure(args.rows, args.batch_size, args.kind, args.mode, args.workers)
 
 
 if __name__ == "__main__":
