@@ -1,0 +1,141 @@
+"""Shared pieces of the benchmark suites: data subsets, cached original models, timing, tables.
+
+Nothing here computes unlearning maths: training, importance, methods and metrics all come
+from `unlearning/` (DESIGN.md). This module only decides scale, caching and bookkeeping.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+import unlearning
+from unlearning.evaluation import evaluate_model
+from unlearning.training import TrainConfig, train
+
+HERE = Path(__file__).resolve().parent
+CACHE = HERE / "cache"
+RESULTS = HERE / "results"
+CIFAR10 = Path("/work/shared/data/cifar10")
+
+
+@dataclass
+class Scale:
+    """Everything a suite's size depends on; `--quick` and the GPU-scale command change it."""
+
+    data: Path = CIFAR10
+    arch: str = "resnet_small"
+    width: int | None = 16  # resnet_small / small_cnn only
+    epochs: int = 3  # the original model's (and retrain's) recipe
+    batch_size: int = 128
+    lr: float = 0.2
+    augment: bool = True
+    train_rows: int | None = None  # None = the whole training split
+    test_rows: int | None = None
+    classes: list[int] | None = None  # fullclass: which classes to forget (None = all)
+    retrain_epochs: int | None = None  # None = the original recipe's epochs
+    importance_mode: str = "batch"
+    importance_batch: int = 64
+    device: str = "cpu"
+    seeds: list[int] | None = None
+    quick: bool = False
+
+    def recipe(self, seed: int) -> TrainConfig:
+        return TrainConfig(
+            epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, augment=self.augment, seed=seed
+        )
+
+    def arch_args(self) -> dict:
+        return {"width": self.width} if self.width is not None and self.arch in ("resnet_small", "small_cnn") else {}
+
+
+def data_dir(scale: Scale) -> Path:
+    """The data directory at this scale: the source, or a cached subset of its first rows
+    (CIFAR-10's rows are interleaved by class, so the first rows are class-balanced)."""
+    if scale.train_rows is None and scale.test_rows is None:
+        return scale.data
+    import pyarrow.parquet as pq
+
+    name = f"{scale.data.name}-train{scale.train_rows or 'all'}-test{scale.test_rows or 'all'}"
+    target = CACHE / "data" / name
+    if not (target / "test.parquet").exists():
+        staging = target.with_name(target.name + f".tmp{os.getpid()}")
+        staging.mkdir(parents=True, exist_ok=True)
+        for split, rows in (("train", scale.train_rows), ("test", scale.test_rows)):
+            table = pq.read_table(scale.data / f"{split}.parquet")
+            if rows is not None:
+                table = table.slice(0, rows)
+            pq.write_table(table, staging / f"{split}.parquet", row_group_size=1000)
+        try:
+            staging.rename(target)
+        except OSError:  # another process made it first
+            pass
+    return target
+
+
+def load(scale: Scale, modifiers: str = "") -> tuple[unlearning.Dataset, str]:
+    spec = str(data_dir(scale)) + modifiers
+    return unlearning.load_dataset(spec), spec
+
+
+def original_model(scale: Scale, dataset: unlearning.Dataset, seed: int, log=print) -> tuple[torch.nn.Module, dict]:
+    """The original model, trained with `scale.recipe(seed)` on `dataset.train`, cached by
+    (data fingerprint, architecture, recipe, seed) under benchmarks/cache/models/."""
+    recipe = scale.recipe(seed)
+    normalize = dataset.normalization()
+    key = unlearning.data.fingerprint_bytes(
+        json.dumps([dataset.fingerprint, scale.arch, scale.arch_args(), recipe.to_dict()], sort_keys=True).encode()
+    )
+    path = CACHE / "models" / f"{dataset.name}-{scale.arch}-seed{seed}-{key}"
+    info_path = path / "benchmark.json"
+    if info_path.exists():
+        model = unlearning.load_model(path)
+        return model, json.loads(info_path.read_text())
+    log(f"training the original {scale.arch} {scale.arch_args()} on {len(dataset.train)} rows, {recipe}")
+    model = unlearning.new_model(
+        scale.arch, dataset.num_classes, dataset.input_shape, normalize, seed=seed, **scale.arch_args()
+    )
+    started = time.perf_counter()
+    train(model, dataset.train, recipe, normalize, device=scale.device)
+    seconds = time.perf_counter() - started
+    model.cpu()
+    model.amnesis_meta["train_config"] = recipe.to_dict()
+    metrics = evaluate_model(model, dataset, None, normalize)
+    info = {
+        "train_seconds": seconds,
+        "test_acc": metrics["test_acc"],
+        "train_acc": metrics["train_acc"],
+        "recipe": recipe.to_dict(),
+        "torch_threads": torch.get_num_threads(),
+        "load_before": os.getloadavg(),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    unlearning.save_model(model, path)
+    (path / "benchmark.json").write_text(json.dumps(info, indent=1))
+    log(f"trained in {seconds:.0f} s: test acc {metrics['test_acc']:.4f}, train acc {metrics['train_acc']:.4f}")
+    return model, info
+
+
+def machine() -> str:
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    return (
+        f"{os.cpu_count()} cores ({platform.processor() or platform.machine()}), torch {torch.__version__}, "
+        f"{torch.get_num_threads()} torch thread(s), load average {load}"
+    )
+
+
+def write_json(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=float))
+    tmp.replace(path)
+
+
+def with_train(dataset: unlearning.Dataset, train_split) -> unlearning.Dataset:
+    return replace(dataset, train=train_split)
