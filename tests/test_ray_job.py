@@ -1,0 +1,105 @@
+"""A forget request sent to a real local Ray head with `ray job submit`.
+
+The module starts its own head on loopback (`ray start --head`) and stops it with `ray stop`,
+which ends every Ray process on the machine: do not run it beside other Ray work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def ray_env() -> dict:
+    # the job supervisor inherits the head's environment: `unlearn` must be on its PATH
+    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    dashboard = free_port()
+    command = [str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(free_port()),
+               "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", "2",
+               "--disable-usage-stats"]
+    subprocess.run(command, check=True, env=ray_env(), capture_output=True, timeout=180)
+    try:
+        yield f"http://127.0.0.1:{dashboard}"
+    finally:
+        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=ray_env(), capture_output=True, timeout=120)
+
+
+def ray_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "ray"), *args], env=ray_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def submit(address: str, working_dir: Path, env_vars: dict, entrypoint: list[str]) -> str:
+    """`ray job submit --no-wait`; returns the submission id."""
+    args = ["job", "submit", "--no-wait", "--address", address, "--working-dir", str(working_dir),
+            "--runtime-env-json", json.dumps({"env_vars": env_vars}), "--", *entrypoint]
+    for _ in range(24):  # the job agent registers some seconds after `ray start` returns
+        result = ray_cli(*args)
+        if result.returncode == 0:
+            return re.search(r"raysubmit_\w+", result.stdout + result.stderr).group(0)
+        assert "No available agent" in result.stdout + result.stderr, result.stdout[-2000:] + result.stderr[-2000:]
+        time.sleep(5)
+    raise AssertionError("the job agent never came up")
+
+
+def wait_for(address: str, job_id: str, timeout: float = 900) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = ray_cli("job", "status", "--address", address, job_id).stdout.upper()
+        for state in ("SUCCEEDED", "FAILED", "STOPPED"):
+            if state in text:
+                return state
+        time.sleep(3)
+    raise AssertionError(f"job {job_id} did not finish in {timeout} s")
+
+
+def test_forget_job_submitted_to_a_ray_head_succeeds_and_is_recorded(ray_head, tmp_path, digits_checkpoint):
+    working_dir = tmp_path / "job"
+    (working_dir / "requests").mkdir(parents=True)
+    (working_dir / "requests" / "ids.txt").write_text("0\n1\n2\n3\n4\n")  # ships with the job
+    uri = f"sqlite:///{tmp_path / 'job-mlflow.db'}"
+    out = tmp_path / "job-run"
+    job_id = submit(
+        ray_head, working_dir, {"MLFLOW_TRACKING_URI": uri},
+        ["unlearn", "--quiet", "forget", "--model", str(digits_checkpoint), "--data", "digits",
+         "--forget", "requests/ids.txt", "--model-name", "job-model", "--out", str(out)],
+    )
+    state = wait_for(ray_head, job_id)
+    logs = ray_cli("job", "logs", "--address", ray_head, job_id).stdout
+    assert state == "SUCCEEDED", logs[-3000:]
+    assert "forgot 5 samples" in logs
+
+    report = json.loads((out / "report.json").read_text())
+    assert report["forget"]["size"] == 5 and report["method"] == "ptn"
+    assert (out / "model.safetensors").exists() and (out / "report.md").exists()
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(report["mlflow"]["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["forget_size"] == "5"
+    assert run.data.metrics["forget_acc"] == report["metrics"]["forget_acc"]
+    version = client.get_model_version_by_alias("job-model", "current")
+    assert str(version.version) == report["mlflow"]["model_version"] == "2"
