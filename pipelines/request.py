@@ -102,6 +102,7 @@ def prepare_request(
         train_config=TrainConfig(**recipe) if recipe else None,
         full_importance=full_importance,
         full_importance_kind=store_kind,
+        full_importance_mode=(store_meta or {}).get("mode"),
         rho=options.rho,
     )
     return PreparedRequest(model, dataset, forget, task, store_meta)

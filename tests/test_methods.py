@@ -170,3 +170,42 @@ def test_potion_ptn_heals_a_partly_identified_poison_where_retraining_cannot():
     retrain_healed = healed_fraction(asr_before, attack_success_rate(retrained, poison.triggered_test, 0, normalize))
     assert healed >= 0.9 and drop <= 0.02
     assert retrain_healed < 0.5 < healed  # 12 unidentified poisoned rows keep the trigger alive
+
+
+def test_batch_mode_store_is_not_split_into_retained_importance(digits, digits_model):
+    """(N I^D - N_f I^f) / N_r is exact only per sample; batch-mode stores are recomputed."""
+    full = make_task(digits, digits_model, "class:2", importance_mode="batch").importance("full", "fisher")
+    from_store = make_task(
+        digits, digits_model, "class:2", importance_mode="batch",
+        full_importance=full, full_importance_kind="fisher", full_importance_mode="batch",
+    )
+    direct = make_task(digits, digits_model, "class:2", importance_mode="batch")
+    for name, value in direct.importance("retain", "fisher").items():
+        assert torch.equal(from_store.importance("retain", "fisher")[name], value)
+
+
+def test_subclass_target_is_the_accuracy_on_unseen_images_of_that_fine_class():
+    from unlearning.training import train
+
+    dataset = unlearning.load_dataset("digits+coarse:0,1,2,3,4/5,6,7,8,9")
+    normalize = dataset.normalization()
+    model = unlearning.new_model("small_cnn", 2, dataset.input_shape, normalize, seed=0)
+    model.amnesis_meta["train_config"] = TrainConfig(epochs=5).to_dict()
+    train(model, dataset.train, TrainConfig(epochs=5), normalize)
+    task = make_task(dataset, model, "subclass:7")
+    unseen_sevens = dataset.test.where(dataset.test.fine_labels == 7)
+    expected = accuracy(model, unseen_sevens, normalize)
+    assert task.original_accuracy("test") == pytest.approx(expected)
+    assert expected > 0.8  # a model without 7s would still call them "5-9" through their siblings
+    output = unlearning.run_method("ptn", task)
+    assert output.params["target"] == pytest.approx(expected)
+
+
+def test_membership_inference_of_a_diverged_model_is_nan_not_a_crash():
+    from unlearning.metrics import membership_inference
+
+    finite = torch.randn(20, 3)
+    broken = finite.clone()
+    broken[0, 0] = float("nan")
+    assert torch.isnan(torch.tensor(membership_inference(finite, broken, finite)))
+    assert 0.0 <= membership_inference(finite, finite, finite) <= 1.0

@@ -66,6 +66,8 @@ def membership_inference(
     """
     from sklearn.linear_model import LogisticRegression
 
+    if not all(bool(torch.isfinite(t).all()) for t in (retain_logits, forget_logits, test_logits)):
+        return float("nan")  # a diverged model: no attack to fit (reported as NaN, not a crash)
     features = torch.cat([entropy(retain_logits), entropy(test_logits)]).numpy().reshape(-1, 1)
     targets = np.concatenate([np.ones(len(retain_logits)), np.zeros(len(test_logits))])
     attack = LogisticRegression(class_weight="balanced", solver="lbfgs")

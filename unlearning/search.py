@@ -147,15 +147,16 @@ def forget_target(
 ) -> float:
     """What retraining would give, per kind of request (issue 2 / SPEC.md section 5).
 
-    whole class or sub-class -> near 0 (CLASS_TARGET); random samples -> the model's accuracy
-    on data it never saw (its test accuracy, weighted to the forget set's class mix by the
-    caller); poison -> rho * A_0 on the poison labels.
+    whole class -> near 0 (CLASS_TARGET); random samples and sub-classes -> the model's
+    accuracy on data it never saw (its test accuracy on the forget set's class mix, fine
+    classes for a sub-class, computed by the caller: a model retrained without a sub-class
+    still recognises its coarse class through the siblings); poison -> rho * A_0.
     """
     if rho is not None:
         if original_forget_acc is None:
             raise ValueError("a rho target needs the original forget-set accuracy")
         return rho * original_forget_acc
-    if request_kind in ("class", "subclass"):
+    if request_kind == "class":
         return CLASS_TARGET
     if original_test_acc is None:
         raise ValueError("a random-sample target needs the original test accuracy")

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from unlearning.data import Dataset, ForgetSet, Split
 from unlearning.errors import UserError
 from unlearning.importance import compute_importance_sums
-from unlearning.metrics import accuracy, per_class_accuracy, predict_logits
+from unlearning.metrics import accuracy, predict_logits
 from unlearning.training import TrainConfig
 
 
@@ -44,12 +44,13 @@ class UnlearningTask:
     normalize: dict | None
     importance_mode: str = "per_sample"
     batch_size: int = 64
-    shuffle_batches: bool = True
+    shuffle_batches: bool = False  # batch mode: the papers' unshuffled reference order
     seed: int = 0
     device: str = "cpu"
     train_config: TrainConfig | None = None
     full_importance: dict[str, Tensor] | None = None
     full_importance_kind: str | None = None
+    full_importance_mode: str | None = None
     rho: float | None = None  # poison requests: target = rho * original forget accuracy
     progress: Callable[[dict], None] | None = None  # gets {"step", "forget_acc"} per search step
     cache: dict = field(default_factory=dict)
@@ -72,7 +73,7 @@ class UnlearningTask:
         started = time.perf_counter()
         if which == "full" and self.full_importance is not None and self.full_importance_kind == kind:
             result = self.full_importance
-        elif which == "retain" and self.full_importance is not None and self.full_importance_kind == kind:
+        elif which == "retain" and self._store_gives_retain(kind):
             result = self._retain_from_full(kind)
         else:
             split = {
@@ -85,9 +86,18 @@ class UnlearningTask:
             )
             result = sums.mean()
         self.cache[key] = result
-        if which != "retain" or self.full_importance is None:
+        if which != "retain" or not self._store_gives_retain(kind):
             self.importance_seconds += time.perf_counter() - started
         return result
+
+    def _store_gives_retain(self, kind: str) -> bool:
+        """Only per-sample importances split exactly into retained + forgotten parts."""
+        return (
+            self.full_importance is not None
+            and self.full_importance_kind == kind
+            and self.importance_mode == "per_sample"
+            and self.full_importance_mode in (None, "per_sample")
+        )
 
     def _retain_from_full(self, kind: str) -> dict[str, Tensor]:
         """I^{D_r} from a stored I^D: exact in per_sample mode, (N I^D - N_f I^f) / N_r."""
@@ -103,17 +113,24 @@ class UnlearningTask:
 
         "test" is weighted to the forget set's class mix: the mean over forget samples of the
         test accuracy of their class, i.e. what the model scores on unseen samples like them.
+        For a sub-class request the "class" is the fine class.
         """
         key = ("accuracy", which)
         if key not in self.cache:
             if which == "forget":
                 self.cache[key] = accuracy(self.model, self.forget_split, self.normalize)
             else:
-                logits = predict_logits(self.model, self.dataset.test, self.normalize)
-                per_class = torch.tensor(
-                    per_class_accuracy(logits, self.dataset.test.labels, self.dataset.num_classes)
-                )
-                mix = per_class[self.forget_split.labels]
+                test = self.dataset.test
+                logits = predict_logits(self.model, test, self.normalize)
+                correct = (logits.argmax(dim=1) == test.labels).double()
+                fine = self.forget.kind == "subclass" and test.fine_labels is not None
+                groups_test = test.fine_labels if fine else test.labels
+                groups_forget = self.forget_split.fine_labels if fine else self.forget_split.labels
+                size = int(max(groups_test.max(), groups_forget.max())) + 1
+                per_class = torch.full((size,), float("nan"), dtype=torch.float64)
+                for k in torch.unique(groups_test).tolist():
+                    per_class[k] = correct[groups_test == k].mean()
+                mix = per_class[groups_forget]
                 self.cache[key] = float(mix[~torch.isnan(mix)].mean())
         return self.cache[key]
 
