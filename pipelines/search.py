@@ -227,13 +227,15 @@ def parallel_ptn(
 
 
 def _tpe_trial(config, model, full, forget, forget_split, retain_split, normalize, target):
+    import copy
+
     from ray import tune
 
     from unlearning.dampening import dampen_
     from unlearning.metrics import accuracy
 
     torch.set_num_threads(1)
-    dampened = __import__("copy").deepcopy(model)
+    dampened = copy.deepcopy(model)
     dampen_(dampened, full, forget, config["alpha"], config["lam"])
     forget_acc = accuracy(dampened, forget_split, normalize)
     retain_acc = accuracy(dampened, retain_split, normalize)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -108,7 +109,7 @@ def test_ptn_schedule_walks_from_least_to_most_aggressive(digits, digits_model):
     first = schedule[0]
     assert first.s == pytest.approx(task.forget_fraction / 25)
     assert first.alpha == unlearning.percentile(
-        unlearning.importance_ratios(full, forget), 100 - __import__("math").log(1 + 100 * first.s)
+        unlearning.importance_ratios(full, forget), 100 - math.log(1 + 100 * first.s)
     )
 
 
