@@ -18,7 +18,7 @@ from dataclasses import replace
 from unlearning.errors import UserError
 
 
-def _number_list(text: str) -> float:
+def _number(text: str) -> float:
     try:
         return float(text)
     except ValueError:
@@ -359,8 +359,8 @@ def _request_arguments(forget: argparse.ArgumentParser, search_required: bool) -
     forget.add_argument("--out", required=True, help="run directory to create")
     forget.add_argument("--method", default="ptn", help="a registered method (default: ptn search)")
     forget.add_argument("--importance", help="an importance store from `unlearn importance`")
-    forget.add_argument("--alpha", type=_number_list)
-    forget.add_argument("--lambda", dest="lam", type=_number_list)
+    forget.add_argument("--alpha", type=_number)
+    forget.add_argument("--lambda", dest="lam", type=_number)
     forget.add_argument("--rho", type=float, help="poison requests: target = rho x original forget accuracy")
     forget.add_argument("--param", type=_parse_param, action="append", help="KEY=VALUE method parameter")
     forget.add_argument("--mode", default="per_sample", choices=["per_sample", "batch"])

@@ -332,7 +332,7 @@ class ForgetSet:
         return fingerprint_bytes(np.sort(self.ids.numpy()).astype(np.int64).tobytes())
 
 
-def _class_index(text: str, dataset: Dataset, what: str, limit: int) -> int:
+def _class_index(text: str, what: str, limit: int) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -356,14 +356,14 @@ def parse_forget(spec: str, dataset: Dataset, seed: int = 0) -> ForgetSet:
         ids = dataset.poison.identified.ids if which == "identified" else dataset.poison.poisoned_ids
         forget = ForgetSet(spec, "poison", ids)
     elif spec.startswith("class:"):
-        classes = [_class_index(t, dataset, spec, dataset.num_classes) for t in spec[6:].split(",")]
+        classes = [_class_index(t, spec, dataset.num_classes) for t in spec[6:].split(",")]
         ids = train.ids[torch.isin(train.labels, torch.tensor(classes))]
         forget = ForgetSet(spec, "class", ids, classes)
     elif spec.startswith("subclass:"):
         if train.fine_labels is None:
             raise UserError(f"forget spec {spec}: the data set has no fine labels (use a sub-class task)")
         limit = int(train.fine_labels.max()) + 1
-        fine = _class_index(spec[9:], dataset, spec, limit)
+        fine = _class_index(spec[9:], spec, limit)
         ids = train.ids[train.fine_labels == fine]
         forget = ForgetSet(spec, "subclass", ids, [fine])
     elif spec.startswith("random:"):
