@@ -9,7 +9,7 @@ Both decode PNGs and normalise. Reported per run:
   streaming rows/s    from the first batch ready on any worker to the last worker done
   peak RSS            driver (sampled during the call), Train workers, Ray Data task workers
 
-    .venv/bin/python -m benchmarks.importance_throughput --rows 8000
+    .venv/bin/python -m benchmarks.importance_throughput            # all 50,000 training rows
 """
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ def worst_relative_difference(a: unlearning.ImportanceSums, b: unlearning.Import
 
 
 def measure(
-    rows: int = 8000,
+    rows: int = 50_000,
     batch_size: int = 64,
     kind: str = "fisher",
     mode: str = "batch",
@@ -203,7 +203,7 @@ def measure(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=8000)
+    parser.add_argument("--rows", type=int, default=50_000, help="first N training rows (default: all 50,000)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--kind", default="fisher")
     parser.add_argument("--mode", default="batch")

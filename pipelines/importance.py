@@ -6,8 +6,8 @@ The maths is `unlearning.compute_importance_sums`; this file only decides where 
    where each row lives, the data set's fingerprint) and cuts it into chunks of whole,
    fixed batches (batch j = training rows [j*B, (j+1)*B), as `Split.batches` forms them).
 2. Chunk k belongs to worker k % N. Each worker gets its own Ray Data pipeline over its
-   chunks (`get_dataset_shard(f"rank{r}")`): read rows -> decode images -> normalise with
-   the checkpoint's mean/std, in fractional-CPU tasks, streamed.
+   chunks (`get_dataset_shard(f"rank{r}")`): one fused stage reads rows, decodes images and
+   normalises with the checkpoint's mean/std, in fractional-CPU tasks, streamed.
 3. Each worker loads the model once, regroups the rows of each batch (blocks may cut a batch,
    workers never do), computes partial (sum, count) in float64, and one `all_reduce` adds
    them across workers. Rank 0 hands the total to the driver through a small actor, which
@@ -235,7 +235,7 @@ def plan_chunks(num_rows: int, batch_size: int, workers: int) -> ChunkPlan:
 
 
 def _read_chunks(chunk_ids: dict, rows: TrainingRows, plan: ChunkPlan, rank: int):
-    """Ray Data stage 1: this worker's chunk numbers -> raw rows, in blocks of whole batches."""
+    """This worker's chunk numbers -> raw rows, in blocks of whole batches."""
     step = max(1, BLOCK_TARGET_ROWS // plan.batch_size) * plan.batch_size
     for local in chunk_ids["id"]:
         chunk = int(local) * plan.workers + rank
@@ -248,7 +248,7 @@ def _read_chunks(chunk_ids: dict, rows: TrainingRows, plan: ChunkPlan, rank: int
 
 
 def _decode_normalise(block: dict, normalize: dict | None, num_classes: int, where: str) -> dict:
-    """Ray Data stage 2: decode images to [0, 1], apply the checkpoint's mean/std."""
+    """Decode images to [0, 1], apply the checkpoint's mean/std."""
     if "image" in block:
         try:
             arrays = [decode_image(data) for data in block["image"]]
@@ -276,21 +276,22 @@ def _rank_dataset(rank: int, rows, plan: ChunkPlan, normalize: dict | None, num_
 
     # from_items, not range: a range's read tasks ask for a whole CPU and starve beside the workers
     chunk_numbers = [{"id": local} for local in range(plan.chunks_of(rank))]
-    return (
-        ray.data.from_items(chunk_numbers, override_num_blocks=len(chunk_numbers))
-        .map_batches(
-            _read_chunks,
-            batch_size=1,
-            num_cpus=DATA_TASK_CPUS,
-            fn_kwargs={"rows": rows, "plan": plan, "rank": rank},
-        )
-        .map_batches(
-            _decode_normalise,
-            batch_size=None,
-            num_cpus=DATA_TASK_CPUS,
-            fn_kwargs={"normalize": normalize, "num_classes": num_classes, "where": rows.spec},
-        )
+    return ray.data.from_items(chunk_numbers, override_num_blocks=len(chunk_numbers)).map_batches(
+        _read_decode_normalise,
+        batch_size=1,
+        num_cpus=DATA_TASK_CPUS,
+        fn_kwargs={"rows": rows, "plan": plan, "rank": rank, "normalize": normalize, "num_classes": num_classes},
     )
+
+
+def _read_decode_normalise(chunk_ids: dict, rows, plan: ChunkPlan, rank: int, normalize, num_classes: int):
+    """The one Ray Data stage: read a chunk's rows and decode them, block by block.
+
+    One fused stage, not two: a second stage costs an object-store hop per block and more task
+    processes beside the workers (646 against 607 rows/s on 2 cores; implementation-notes).
+    """
+    for block in _read_chunks(chunk_ids, rows, plan, rank):
+        yield _decode_normalise(block, normalize, num_classes, rows.spec)
 
 
 # ---------------------------------------------------------------- the worker group
