@@ -32,6 +32,7 @@ from benchmarks.common import (
     original_model,
     write_json,
 )
+from pipelines.ray_session import available_cpus
 from unlearning.checkpoint import all_finite
 from unlearning.data import split_forget
 from unlearning.evaluation import evaluate_model
@@ -603,11 +604,12 @@ def parse(argv=None):
     parser.add_argument("--random-count", type=int, default=100)
     parser.add_argument("--forget-seeds", type=int, nargs="+", default=None, help="random: forget-set seeds")
     parser.add_argument("--throughput-rows", type=int, default=None, help="0 skips the throughput part")
-    parser.add_argument("--chunk-size", type=int, default=4, help="PTN steps per Tune trial")
+    parser.add_argument("--chunk-size", type=int, default=8, help="PTN steps per Tune trial (tune_configs/ptn.yaml's)")
     parser.add_argument("--speed-parts", nargs="+", default=["throughput", "retrain", "ptn"])
     parser.add_argument("--ptn-forget", default=None, help="speed: the request the PTN timing uses (default class:K)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a loaded 2-core box)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: all cores; on a loaded 2-core box 1 is faster)")
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--tag", default="", help="suffix of the result file names")
     args = parser.parse_args(argv)
@@ -668,7 +670,7 @@ def run_suite(suite: str, args, command: str) -> dict:
 
 def main(argv=None) -> None:
     args = parse(argv)
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or available_cpus())
     command = "python -m benchmarks.run " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     started = time.perf_counter()
     for suite in SUITES if args.suite == "all" else [args.suite]:

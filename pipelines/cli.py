@@ -15,6 +15,7 @@ import sys
 import time
 from dataclasses import replace
 
+from pipelines.ray_session import DEFAULT_RAY_MIN_ROWS
 from unlearning.errors import UserError
 
 
@@ -122,6 +123,10 @@ def cmd_forget(args) -> int:
         params["alpha"] = args.alpha
     if args.lam is not None:
         params["lam"] = args.lam
+    if args.workers < 1:
+        raise UserError(f"--workers must be at least 1, got {args.workers}")
+    if args.ray_min_rows < 0:
+        raise UserError(f"--ray-min-rows must be 0 or more, got {args.ray_min_rows}")
     if args.search and (params or args.method != "ptn"):
         raise UserError("--search chooses alpha and lambda itself; drop --method, --alpha, --lambda and --param")
     options = ForgetOptions(
@@ -137,6 +142,9 @@ def cmd_forget(args) -> int:
         model_name=args.model_name,
         compare_retrain=args.compare_retrain,
         zrf=args.zrf,
+        workers=args.workers,
+        ray_min_rows=args.ray_min_rows,
+        show_progress=not args.quiet,
     )
     if not args.importance:
         print(
@@ -371,6 +379,10 @@ def _request_arguments(forget: argparse.ArgumentParser, search_required: bool) -
     forget.add_argument("--model-name", help="registered model name in MLflow (default: ARCH-DATA)")
     forget.add_argument("--no-track", action="store_true", help="do not record the request in MLflow")
     forget.add_argument("--compare-retrain", action="store_true", help="also retrain from scratch, for comparison")
+    forget.add_argument("--workers", type=int, default=2, help="Ray workers for a large split's importance (default 2)")
+    forget.add_argument("--ray-min-rows", type=int, default=DEFAULT_RAY_MIN_ROWS, metavar="N",
+                        help=f"compute the importance of a split (forget set, data) with at least N rows on Ray; "
+                             f"smaller ones run in this process (default {DEFAULT_RAY_MIN_ROWS})")
     forget.add_argument("--zrf", action="store_true", help="also report ZRF (similarity to a random network on D_f)")
     forget.set_defaults(func=cmd_forget)
 

@@ -28,14 +28,14 @@ import tempfile
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 import unlearning
-from pipelines.ray_session import ensure_ray
+from pipelines.ray_session import DEFAULT_RAY_MIN_ROWS, ensure_ray
 from unlearning.data import (
     IMAGE_SUFFIXES,
     SPLIT_SEED,
@@ -49,7 +49,8 @@ from unlearning.data import (
 from unlearning.errors import UserError
 from unlearning.importance import KINDS, MODES
 
-DATA_TASK_CPUS = 0.25  # Ray Data read/decode tasks: fractional so a 2-CPU box never deadlocks
+DATA_TASK_CPUS = 0.25  # Ray Data read/decode actors: fractional so a 2-CPU box never deadlocks
+DATA_ACTORS_PER_WORKER = 1  # one decodes ~2,800 CIFAR rows/s, several times what a worker computes
 CHUNK_TARGET_ROWS = 1024  # rows per read task (rounded to whole batches)
 BLOCK_TARGET_ROWS = 256  # rows per Ray Data block (rounded to whole batches)
 MAX_FAILURES = 3  # worker-group restarts before a run gives up
@@ -89,18 +90,34 @@ class TrainingRows:
             return {"label": self.labels[start:stop], "image": images}
         return self._read_parquet(start, stop)
 
+    def select(self, positions: np.ndarray) -> TrainingRows:
+        """Only training rows `positions` (increasing), renumbered 0..len-1; same fingerprint."""
+        positions = np.asarray(positions, dtype=np.int64)
+        if len(positions) == 0:
+            raise UserError(f"{self.spec}: no training rows selected")
+        if positions[0] < 0 or positions[-1] >= self.num_rows or np.any(np.diff(positions) <= 0):
+            raise ValueError("positions must be increasing training row numbers")
+        if self.pixels is not None:
+            return replace(self, num_rows=len(positions), labels=self.labels[positions], pixels=self.pixels[positions])
+        if self.files is not None:
+            files = [self.files[i] for i in positions]
+            return replace(self, num_rows=len(positions), files=files, labels=self.labels[positions])
+        file_rows = self.positions[positions] if self.positions is not None else positions
+        return replace(self, num_rows=len(positions), positions=file_rows)
+
     def _read_parquet(self, start: int, stop: int) -> dict[str, np.ndarray]:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         rows = self.positions[start:stop] if self.positions is not None else np.arange(start, stop)
-        first = int(np.searchsorted(self.group_starts, rows[0], side="right")) - 1
-        last = int(np.searchsorted(self.group_starts, rows[-1], side="right")) - 1
+        groups = np.searchsorted(self.group_starts, rows, side="right") - 1
+        needed = np.unique(groups)  # only the row groups holding these rows, however scattered
         column = "image" if self.input_kind == "image" else "features"
-        table = pq.ParquetFile(self.parquet).read_row_groups(
-            list(range(first, last + 1)), columns=["label", column]
-        )
-        table = table.take(pa.array(rows - self.group_starts[first]))
+        file = pq.ParquetFile(self.parquet)
+        table = file.read_row_groups(needed.tolist(), columns=["label", column])
+        sizes = np.array([file.metadata.row_group(int(g)).num_rows for g in needed], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])  # where each group starts in `table`
+        table = table.take(pa.array(offsets[np.searchsorted(needed, groups)] + rows - self.group_starts[groups]))
         labels = np.asarray(table.column("label").to_numpy(), dtype=np.int64)
         if column == "image":
             images = np.empty(len(table), dtype=object)
@@ -277,21 +294,35 @@ def _rank_dataset(rank: int, rows, plan: ChunkPlan, normalize: dict | None, num_
     # from_items, not range: a range's read tasks ask for a whole CPU and starve beside the workers
     chunk_numbers = [{"id": local} for local in range(plan.chunks_of(rank))]
     return ray.data.from_items(chunk_numbers, override_num_blocks=len(chunk_numbers)).map_batches(
-        _read_decode_normalise,
+        _ReadDecodeNormalise,
         batch_size=1,
         num_cpus=DATA_TASK_CPUS,
-        fn_kwargs={"rows": rows, "plan": plan, "rank": rank, "normalize": normalize, "num_classes": num_classes},
+        compute=ray.data.ActorPoolStrategy(size=DATA_ACTORS_PER_WORKER),
+        fn_constructor_kwargs={
+            "rows": rows, "plan": plan, "rank": rank, "normalize": normalize, "num_classes": num_classes
+        },
     )
 
 
-def _read_decode_normalise(chunk_ids: dict, rows, plan: ChunkPlan, rank: int, normalize, num_classes: int):
-    """The one Ray Data stage: read a chunk's rows and decode them, block by block.
+class _ReadDecodeNormalise:
+    """The one Ray Data stage, in a long-lived actor: read a chunk's rows, decode, normalise.
 
-    One fused stage, not two: a second stage costs an object-store hop per block and more task
-    processes beside the workers (646 against 607 rows/s on 2 cores; implementation-notes).
+    An actor, not tasks: on a small machine Ray keeps few idle task processes, so each task
+    started a new process that imported torch again (seconds of CPU taken from the workers).
+    One fused stage, not two: a second costs an object-store hop per block. See
+    implementation-notes, "Distributed importance".
     """
-    for block in _read_chunks(chunk_ids, rows, plan, rank):
-        yield _decode_normalise(block, normalize, num_classes, rows.spec)
+
+    def __init__(self, rows: TrainingRows, plan: ChunkPlan, rank: int, normalize: dict | None, num_classes: int):
+        # One torch thread: this actor has a fraction of a CPU beside the workers, and idle
+        # OpenMP threads would spin on the cores they need.
+        torch.set_num_threads(1)
+        self.rows, self.plan, self.rank = rows, plan, rank
+        self.normalize, self.num_classes = normalize, num_classes
+
+    def __call__(self, chunk_ids: dict):
+        for block in _read_chunks(chunk_ids, self.rows, self.plan, self.rank):
+            yield _decode_normalise(block, self.normalize, self.num_classes, self.rows.spec)
 
 
 # ---------------------------------------------------------------- the worker group
@@ -500,11 +531,11 @@ def _worker_resources(cluster: dict, workers: int) -> tuple[bool, dict, int]:
     return False, {"CPU": cpus}, max(1, round(cpus))
 
 
-def _show_progress(channel, total: int, stop: threading.Event) -> None:
+def _show_progress(channel, total: int, stop: threading.Event, label: str) -> None:
     import ray
     from tqdm import tqdm
 
-    with tqdm(total=total, unit="rows", desc="importance", dynamic_ncols=True) as bar:
+    with tqdm(total=total, unit="rows", desc=label, dynamic_ncols=True) as bar:
         while True:
             stopped = stop.wait(0.5)
             try:
@@ -526,11 +557,15 @@ def compute_importance_on_ray(
     mode: str = "per_sample",
     batch_size: int = 64,
     progress: bool = True,
+    positions: np.ndarray | None = None,
+    label: str = "importance",
 ) -> unlearning.ImportanceSums:
     """Importance (sum, count) of the model at `model_path` over the training split of `data_spec`.
 
     Equal to `unlearning.compute_importance_sums(model, split.batches(batch_size), kind, mode)`
     in one process, for any number of workers (float64 sums; 1e-6 relative or better).
+    `positions` (increasing training row numbers) restricts it to those rows, e.g. a forget set;
+    `label` names the progress bar.
     """
     import ray
     from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -539,6 +574,8 @@ def compute_importance_on_ray(
     _check_arguments(workers, kind, mode, batch_size)
     model = unlearning.load_model(model_path)
     rows = describe_training_rows(data_spec)
+    if positions is not None:
+        rows = rows.select(positions)
     channels_last = _check_first_row(rows, model)
     meta = model.amnesis_meta
     plan = plan_chunks(rows.num_rows, batch_size, workers)
@@ -579,7 +616,7 @@ def compute_importance_on_ray(
     stop = threading.Event()
     display = None
     if progress:
-        display = threading.Thread(target=_show_progress, args=(channel, rows.num_rows, stop), daemon=True)
+        display = threading.Thread(target=_show_progress, args=(channel, rows.num_rows, stop, label), daemon=True)
         display.start()
     try:
         trainer.fit()
@@ -644,6 +681,63 @@ def build_importance_store(
             "seconds": round(time.monotonic() - started, 3),
         },
     )
+
+
+# ---------------------------------------------------------------- requests: large splits on Ray
+
+class RayImportanceBackend:
+    """`UnlearningTask.importance_backend`: a large split's importance on Ray, others in-process.
+
+    A request's splits (D_f, D_r, D) are subsets of the training rows; this maps a split's ids
+    to training row numbers and runs `compute_importance_on_ray` over just those rows, reading
+    them from the data files again (the driver's copy is not shipped). It declines (returns
+    None, so the task computes in-process) below `min_rows`, for shuffled batch-mode batches,
+    and for data specs with +modifiers, which are not streamed. `runs` records what ran where.
+    """
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike,
+        data_spec: str,
+        train_ids: torch.Tensor,
+        dataset_fingerprint: str,
+        workers: int = 2,
+        min_rows: int = DEFAULT_RAY_MIN_ROWS,
+        progress: bool = True,
+    ):
+        self.model_path, self.data_spec = str(model_path), str(data_spec)
+        self.fingerprint, self.workers, self.min_rows, self.progress = dataset_fingerprint, workers, min_rows, progress
+        ids = np.asarray(train_ids, dtype=np.int64)
+        self._order = np.argsort(ids, kind="stable")
+        self._sorted_ids = ids[self._order]
+        self.runs: list[dict] = []
+
+    def positions(self, ids: torch.Tensor) -> np.ndarray:
+        """Training row numbers of `ids`, in the given order."""
+        ids = np.asarray(ids, dtype=np.int64)
+        found = np.searchsorted(self._sorted_ids, ids).clip(max=len(self._sorted_ids) - 1)
+        if len(ids) and not np.array_equal(self._sorted_ids[found], ids):
+            raise RuntimeError("a split holds ids that are not training rows")
+        return self._order[found]
+
+    def __call__(self, split, kind: str, mode: str, batch_size: int, shuffled: bool):
+        if len(split) < max(self.min_rows, 1) or "+" in self.data_spec or (shuffled and mode == "batch"):
+            return None
+        positions = self.positions(split.ids)
+        if mode == "batch" and np.any(np.diff(positions) <= 0):
+            return None  # Ray workers form batches in training-row order; this split is in another
+        started = time.monotonic()
+        sums = compute_importance_on_ray(
+            self.model_path, self.data_spec, self.workers, kind, mode, batch_size,
+            progress=self.progress, positions=np.sort(positions), label=f"importance of {len(split)} rows",
+        )
+        if sums.meta["dataset_fingerprint"] != self.fingerprint:
+            raise RuntimeError(f"{self.data_spec} changed while the request ran (fingerprint differs)")
+        self.runs.append({
+            "rows": len(split), "kind": kind, "mode": mode, "workers": sums.meta["workers"],
+            "seconds": round(time.monotonic() - started, 3),
+        })
+        return sums
 
 
 # ---------------------------------------------------------------- command line

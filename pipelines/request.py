@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 
 import unlearning
+from pipelines.importance import RayImportanceBackend
+from pipelines.ray_session import DEFAULT_RAY_MIN_ROWS
 from unlearning.checkpoint import atomic_directory, model_meta, write_json, write_model_files
 from unlearning.data import Dataset, ForgetSet, split_forget
 from unlearning.errors import UserError
@@ -44,6 +46,9 @@ class ForgetOptions:
     batch_tag: str | None = None  # the ledger batch this request belongs to (a registry tag)
     track: bool = True  # record the request in MLflow
     model_name: str | None = None  # registered model name (default: <arch>-<data set>)
+    workers: int = 2  # Ray workers for a large split's importance
+    ray_min_rows: int | None = DEFAULT_RAY_MIN_ROWS  # splits this large go to Ray; None: never
+    show_progress: bool = True  # progress bars of importance runs on Ray
 
 
 @dataclass
@@ -67,6 +72,7 @@ def prepare_request(
         unlearning.get_method(options.method)  # unknown names fail before any loading
     model = unlearning.load_model(model_path)
     dataset = unlearning.load_dataset(data_spec)
+    training_ids = dataset.train.ids  # before earlier removals: row i is training row i on disk
     if removed_before:
         gone = torch.isin(dataset.train.ids, torch.tensor(removed_before, dtype=torch.int64))
         dataset = replace(dataset, train=dataset.train.where(~gone))
@@ -105,6 +111,11 @@ def prepare_request(
         full_importance_mode=(store_meta or {}).get("mode"),
         rho=options.rho,
     )
+    if options.ray_min_rows is not None:
+        task.importance_backend = RayImportanceBackend(
+            model_path, data_spec, training_ids, dataset.fingerprint, options.workers,
+            options.ray_min_rows, options.show_progress,
+        )
     return PreparedRequest(model, dataset, forget, task, store_meta)
 
 
@@ -168,6 +179,7 @@ def build_report(
             "mode": task.importance_mode,
             "batch_size": task.batch_size,
             "store": prepared.store_meta,
+            "on_ray": list(getattr(task.importance_backend, "runs", [])),  # splits computed on Ray
         },
         "data": {"spec": data_spec, "fingerprint": prepared.dataset.fingerprint},
         "parent": {"fingerprint": parent.get("parent_fingerprint")},

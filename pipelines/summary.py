@@ -42,6 +42,9 @@ def print_report(report: dict, out: str) -> None:
     if report.get("retrain_metrics"):
         rows.append(("retrained from scratch", report["retrain_metrics"], report.get("retrain_seconds")))
     print(format_table(rows))
+    for run in report.get("importance", {}).get("on_ray", []):
+        print(f"importance ({run['kind']}/{run['mode']}) of {run['rows']} rows ran on Ray: "
+              f"{run['workers']} workers, {run['seconds']:.1f} s")
     details = report.get("details", {})
     if details.get("reached") is False:
         print("warning: the search did not reach its target; the most aggressive step was used")

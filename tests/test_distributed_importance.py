@@ -182,6 +182,40 @@ def test_existing_store_path_is_refused(digits_checkpoint, tmp_path):
         pipeline.build_importance_store(digits_checkpoint, "digits", tmp_path / "store")
 
 
+@pytest.mark.parametrize("source", ["digits", "parquet_file", "parquet_dir", "image_folder"])
+def test_selected_rows_are_those_training_rows_however_scattered(source, request):
+    """A forget set's rows: scattered over row groups, read back exactly, in order."""
+    spec = "digits" if source == "digits" else str(request.getfixturevalue(source))
+    rows = pipeline.describe_training_rows(spec)
+    train = unlearning.load_dataset(spec).train
+    positions = np.sort(np.random.default_rng(5).choice(rows.num_rows, size=rows.num_rows // 3, replace=False))
+    chosen = rows.select(positions)
+    assert chosen.num_rows == len(positions) and chosen.fingerprint == rows.fingerprint
+    pieces = [chosen.read(0, 3), chosen.read(3, chosen.num_rows)]
+    labels = np.concatenate([p["label"] for p in pieces])
+    if source == "digits":
+        inputs = np.concatenate([p["pixels"] for p in pieces])
+    else:
+        inputs = np.stack([pipeline.decode_image(b) for p in pieces for b in p["image"]])
+    assert np.array_equal(labels, train.labels.numpy()[positions])
+    assert np.array_equal(inputs, train.inputs.numpy()[positions])
+
+
+def test_request_backend_maps_ids_to_training_rows_and_declines_small_or_unstreamable_splits(digits_checkpoint):
+    train = unlearning.load_dataset("digits").train
+    backend = pipeline.RayImportanceBackend(digits_checkpoint, "digits", train.ids, "fp", min_rows=100)
+    some = torch.tensor([7, 1200, 3])
+    assert backend.positions(train.ids[some]).tolist() == [7, 1200, 3]
+    with pytest.raises(RuntimeError, match="not training rows"):
+        backend.positions(torch.tensor([10**9]))
+    small = train.subset(torch.arange(99))
+    assert backend(small, "fisher", "per_sample", 64, False) is None  # below min_rows: in-process
+    assert backend(train, "fisher", "batch", 64, True) is None  # shuffled batches: in-process
+    modified = pipeline.RayImportanceBackend(digits_checkpoint, "digits+coarse:0,1,2,3,4/5,6,7,8,9", train.ids, "fp")
+    assert modified(train, "fisher", "per_sample", 64, False) is None  # +modifiers are not streamed
+    assert backend.runs == [] and modified.runs == []
+
+
 # ---------------------------------------------------------------- on Ray
 
 
@@ -255,3 +289,48 @@ def test_workers_use_the_memory_layout_load_dataset_uses(source, request, digits
     inputs = unlearning.load_dataset(spec).train.inputs
     expected = not inputs.is_contiguous() and inputs.is_contiguous(memory_format=torch.channels_last)
     assert pipeline._check_first_row(rows, unlearning.load_model(checkpoint)) == expected
+
+
+@pytest.mark.ray
+def test_forget_set_importance_of_a_request_on_ray_equals_in_process(ray_session, parquet_file, parquet_checkpoint):
+    """Batch mode, a random forget set scattered over the row groups of a single Parquet file."""
+    from pipelines.request import ForgetOptions, prepare_request
+
+    spec = str(parquet_file)
+    options = ForgetOptions(mode="batch", batch_size=8, ray_min_rows=0, show_progress=False, track=False)
+    prepared = prepare_request(str(parquet_checkpoint), spec, "random:40:1", options)
+    task = prepared.task
+    on_ray = task.importance("forget", "fisher")
+    assert task.importance_backend.runs == [
+        {**task.importance_backend.runs[0], "rows": 40, "kind": "fisher", "mode": "batch", "workers": 2}
+    ]
+    model = unlearning.load_model(parquet_checkpoint)
+    reference = unlearning.compute_importance_sums(
+        model, task.forget_split.batches(8, normalize=task.normalize), "fisher", "batch"
+    )
+    assert reference.count == 5
+    for name, expected in reference.mean().items():
+        torch.testing.assert_close(on_ray[name], expected, rtol=1e-6, atol=1e-6 * float(expected.abs().max()))
+
+
+@pytest.mark.ray
+def test_request_after_earlier_removals_computes_retained_importance_on_ray(ray_session, digits_checkpoint):
+    """per_sample, digits: D_r = training rows minus rows removed before minus the forget set."""
+    from pipelines.request import ForgetOptions, prepare_request
+
+    train = unlearning.load_dataset("digits").train
+    removed = train.ids[train.labels == 2].tolist()
+    options = ForgetOptions(mode="per_sample", ray_min_rows=1000, show_progress=False, track=False)
+    prepared = prepare_request(str(digits_checkpoint), "digits", "class:4", options, removed_before=removed)
+    task = prepared.task
+    assert len(task.retain_split) == len(train) - len(removed) - len(task.forget_split)
+    on_ray = task.importance("retain", "fisher")
+    task.importance("forget", "fisher")  # under 1000 rows: in this process
+    runs = task.importance_backend.runs
+    assert [(r["rows"], r["mode"]) for r in runs] == [(len(task.retain_split), "per_sample")]
+    model = unlearning.load_model(digits_checkpoint)
+    reference = unlearning.compute_importance_sums(
+        model, task.retain_split.batches(64, normalize=task.normalize), "fisher", "per_sample"
+    )
+    for name, expected in reference.mean().items():
+        torch.testing.assert_close(on_ray[name], expected, rtol=1e-6, atol=1e-6 * float(expected.abs().max()))

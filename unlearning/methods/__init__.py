@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from unlearning.data import Dataset, ForgetSet, Split
 from unlearning.errors import UserError
-from unlearning.importance import compute_importance_sums
+from unlearning.importance import ImportanceSums, compute_importance_sums
 from unlearning.metrics import accuracy, predict_logits
 from unlearning.training import TrainConfig
 
@@ -53,6 +53,9 @@ class UnlearningTask:
     full_importance_mode: str | None = None
     rho: float | None = None  # poison requests: target = rho * original forget accuracy
     progress: Callable[[dict], None] | None = None  # gets {"step", "forget_acc"} per search step
+    # Optional place to compute an importance elsewhere (e.g. on a Ray cluster):
+    # (split, kind, mode, batch_size, shuffled) -> ImportanceSums, or None to compute it here.
+    importance_backend: Callable[[Split, str, str, int, bool], ImportanceSums | None] | None = None
     cache: dict = field(default_factory=dict)
     importance_seconds: float = 0.0  # time spent computing importances (reported apart)
 
@@ -81,9 +84,13 @@ class UnlearningTask:
                 "retain": self.retain_split,
                 "forget": self.forget_split,
             }[which]
-            sums = compute_importance_sums(
-                self.model, self.batches(split), kind=kind, mode=self.importance_mode, device=self.device
-            )
+            sums = None
+            if self.importance_backend is not None:
+                sums = self.importance_backend(split, kind, self.importance_mode, self.batch_size, self.shuffle_batches)
+            if sums is None:
+                sums = compute_importance_sums(
+                    self.model, self.batches(split), kind=kind, mode=self.importance_mode, device=self.device
+                )
             result = sums.mean()
         self.cache[key] = result
         if which != "retain" or not self._store_gives_retain(kind):
