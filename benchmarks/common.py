@@ -45,6 +45,7 @@ class Scale:
     device: str = "cpu"
     seeds: list[int] | None = None
     quick: bool = False
+    ptn_start_divisor: float | None = None  # None = SPEC.md's 25
 
     def recipe(self, seed: int) -> TrainConfig:
         return TrainConfig(

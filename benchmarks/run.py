@@ -97,6 +97,8 @@ def make_task(model, dataset, forget, scale: Scale, batch_size: int, full=None, 
 
 
 def method_params(name: str, scale: Scale) -> dict:
+    if name in ("ptn", "potion_ptn") and scale.ptn_start_divisor is not None:
+        return {"start_divisor": scale.ptn_start_divisor}
     if name == "retrain" and scale.retrain_epochs is not None:
         return {"epochs": scale.retrain_epochs}
     if scale.quick:
@@ -566,7 +568,7 @@ def scale_from(args) -> Scale:
         data=Path(args.data), arch=args.arch, width=args.width, epochs=args.epochs, batch_size=args.batch_size,
         lr=args.lr, augment=not args.no_augment, train_rows=args.train_rows, test_rows=args.test_rows,
         classes=args.classes, retrain_epochs=args.retrain_epochs, importance_mode=args.importance_mode,
-        device=args.device, seeds=args.seeds, quick=args.quick,
+        device=args.device, seeds=args.seeds, quick=args.quick, ptn_start_divisor=args.ptn_start_divisor,
     )
     if args.quick:  # same code paths, smaller: a class-balanced subset, fewer epochs and requests
         scale = replace(
@@ -606,6 +608,8 @@ def parse(argv=None):
     parser.add_argument("--throughput-rows", type=int, default=None, help="0 skips the throughput part")
     parser.add_argument("--chunk-size", type=int, default=8, help="PTN steps per Tune trial (tune_configs/ptn.yaml's)")
     parser.add_argument("--speed-parts", nargs="+", default=["throughput", "retrain", "ptn"])
+    parser.add_argument("--ptn-start-divisor", type=float, default=None,
+                        help="ptn / potion_ptn: s_0 = |D_f| / N / this (default: SPEC.md's 25)")
     parser.add_argument("--ptn-forget", default=None, help="speed: the request the PTN timing uses (default class:K)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None,

@@ -49,7 +49,8 @@ class SearchConfig:
     # ptn
     growth: float = 1.1
     max_steps: int = 500
-    chunk_size: int = 4
+    start_divisor: float = 25.0  # s_0 = |D_f| / N / start_divisor (SPEC.md: 25)
+    chunk_size: int = 8
     # tpe
     num_samples: int = 50
     alpha: list = field(default_factory=lambda: [0.1, 100.0])  # log-uniform range
@@ -83,8 +84,10 @@ def load_search_config(path: str | Path) -> SearchConfig:
     config = SearchConfig(**data)
     if config.search not in ("ptn", "tpe"):
         raise UserError(f"search config {path}: search must be 'ptn' or 'tpe', got {config.search!r}")
-    if config.chunk_size < 1 or config.max_steps < 1 or config.growth <= 1:
-        raise UserError(f"search config {path}: chunk_size, max_steps must be >= 1 and growth > 1")
+    if config.chunk_size < 1 or config.max_steps < 1 or config.growth <= 1 or not config.start_divisor > 0:
+        raise UserError(
+            f"search config {path}: chunk_size, max_steps must be >= 1, growth > 1 and start_divisor > 0"
+        )
     return config
 
 
@@ -188,7 +191,9 @@ def parallel_ptn(
     ensure_ray()
     full = task.importance(config.reference, config.importance_kind)
     forget = task.importance("forget", config.importance_kind)
-    schedule = ptn_schedule(full, forget, task.forget_fraction, config.growth, config.max_steps)
+    schedule = ptn_schedule(
+        full, forget, task.forget_fraction, config.growth, config.max_steps, start_divisor=config.start_divisor
+    )
     n_chunks = -(-len(schedule) // config.chunk_size)
     trainable = tune.with_parameters(
         _ptn_trial,

@@ -60,6 +60,8 @@ def test_fixed_alpha_lambda_method_with_zrf(tmp_path, capsys, digits_checkpoint)
         (["--forget", "class:1", "--method", "ssd", "--alpha", "0"], "alpha must be a finite number > 0"),
         (["--forget", "class:1", "--method", "ssd", "--lambda", "-1"], "lambda must be a finite number > 0"),
         (["--forget", "class:1", "--method", "nope"], "unknown method 'nope'"),
+        (["--forget", "class:1", "--workers", "0"], "--workers must be at least 1, got 0"),
+        (["--forget", "class:1", "--ray-min-rows", "-5"], "--ray-min-rows must be 0 or more, got -5"),
     ],
 )
 def test_bad_requests_fail_with_one_line_and_write_nothing(tmp_path, capsys, digits_checkpoint, extra, message):

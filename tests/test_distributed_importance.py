@@ -334,3 +334,28 @@ def test_request_after_earlier_removals_computes_retained_importance_on_ray(ray_
     )
     for name, expected in reference.mean().items():
         torch.testing.assert_close(on_ray[name], expected, rtol=1e-6, atol=1e-6 * float(expected.abs().max()))
+
+
+@pytest.mark.ray
+def test_forget_command_without_a_store_computes_the_full_importance_on_ray(ray_session, digits_checkpoint, tmp_path, capsys):
+    """`unlearn forget --ray-min-rows 1000`: D (1,438 rows) on Ray, D_f (class 4) in-process."""
+    import json
+
+    from pipelines.cli import main
+
+    def forget(out, min_rows):
+        code = main(["--quiet", "forget", "--model", str(digits_checkpoint), "--data", "digits", "--forget", "class:4",
+                     "--method", "ssd", "--alpha", "10", "--lambda", "1", "--mode", "batch", "--no-track",
+                     "--ray-min-rows", str(min_rows), "--out", str(out)])
+        captured = capsys.readouterr()
+        assert code == 0, captured.err
+        return json.loads((out / "report.json").read_text()), captured.out
+
+    on_ray, printed = forget(tmp_path / "on-ray", 1000)
+    in_process, _ = forget(tmp_path / "in-process", 10**9)
+    runs = on_ray["importance"]["on_ray"]
+    assert [(r["rows"], r["kind"], r["mode"], r["workers"]) for r in runs] == [(1438, "fisher", "batch", 2)]
+    assert "importance (fisher/batch) of 1438 rows ran on Ray: 2 workers" in printed
+    assert in_process["importance"]["on_ray"] == []
+    for name in ("forget_acc", "retain_acc", "test_acc"):  # the same dampening, up to float rounding
+        assert on_ray["metrics"][name] == pytest.approx(in_process["metrics"][name], abs=1 / 300)

@@ -113,6 +113,24 @@ def test_ptn_schedule_walks_from_least_to_most_aggressive(digits, digits_model):
     )
 
 
+def test_a_larger_start_divisor_starts_gentler_and_bad_ones_are_refused(digits, digits_model):
+    task = make_task(digits, digits_model, "class:3")
+    full, forget = task.importance("full", "fisher"), task.importance("forget", "fisher")
+    spec = ptn_schedule(full, forget, task.forget_fraction)
+    gentle = ptn_schedule(full, forget, task.forget_fraction, start_divisor=250)
+    assert gentle[0].s == pytest.approx(task.forget_fraction / 250)
+    assert gentle[0].alpha > spec[0].alpha  # a higher threshold dampens fewer parameters
+    # ~24 more alpha steps (1.1^24 ~ 10) lead up to where the SPEC schedule starts
+    spec_alphas = [s.alpha for s in spec if s.s is not None]
+    gentle_alphas = [s.alpha for s in gentle if s.s is not None]
+    assert len(gentle_alphas) - len(spec_alphas) in (24, 25)
+    assert gentle_alphas[-1] > 1.0 and spec_alphas[-1] > 1.0
+    for bad in (0, -1, float("nan"), float("inf")):
+        with pytest.raises(unlearning.UserError, match="start_divisor must be a finite number > 0"):
+            ptn_schedule(full, forget, task.forget_fraction, start_divisor=bad)
+    assert unlearning.get_method("ptn").defaults["start_divisor"] == 25.0  # SPEC.md section 5
+
+
 def test_steps_evaluated_in_any_order_give_the_sequential_answer(digits, digits_model):
     task = make_task(digits, digits_model, "class:5")
     full, forget = task.importance("full", "fisher"), task.importance("forget", "fisher")

@@ -2,7 +2,8 @@
 
 The schedule walks from the least aggressive dampening towards more aggressive ones:
 
-1. alpha phase (lambda = 1): s_k = s_0 * growth^k with s_0 = |D_f| / N / 25,
+1. alpha phase (lambda = 1): s_k = s_0 * growth^k with s_0 = |D_f| / N / start_divisor
+   (25 in SPEC.md; a larger divisor starts gentler, for models where s_0 already overshoots),
    p_k = 100 - ln(1 + 100 s_k), alpha_k = percentile_{p_k}(I^f / I^D), while alpha_k > 1
    (every alpha <= lambda = 1 dampens exactly what alpha = 1 dampens) and k < max_steps;
 2. lambda phase (alpha = 1): lambda_j = growth^-j down to `min_lambda`, for requests that
@@ -71,12 +72,15 @@ def ptn_schedule(
     max_steps: int = 500,
     min_lambda: float = 1e-3,
     lambda_phase: bool = True,
+    start_divisor: float = 25.0,
 ) -> list[Step]:
     ratios = importance_ratios(full_importance, forget_importance)
     if ratios.numel() == 0:
         raise UserError("no finite importance ratios: the forget-set importance is all zero")
     sorted_ratios = torch.sort(ratios).values
     adaptive_percentile(forget_fraction)  # validates the fraction
+    if not (math.isfinite(start_divisor) and start_divisor > 0):
+        raise UserError(f"start_divisor must be a finite number > 0, got {start_divisor}")
     steps: list[Step] = []
     seen: set[tuple[float, float]] = set()
 
@@ -85,7 +89,7 @@ def ptn_schedule(
             seen.add((alpha, lam))
             steps.append(Step(len(steps), alpha, lam, s, p))
 
-    s = forget_fraction / 25.0
+    s = forget_fraction / start_divisor
     for _ in range(max_steps):
         p = max(0.0, 100.0 - math.log(1.0 + 100.0 * s))
         alpha = percentile_of_sorted(sorted_ratios, p)

@@ -49,7 +49,7 @@ def potion_method(task: UnlearningTask, lam: float) -> MethodOutput:
 
 
 @register_method(
-    "ptn", kind="fisher", reference="full", target=None, rho=None, growth=1.1, max_steps=500
+    "ptn", kind="fisher", reference="full", target=None, rho=None, growth=1.1, max_steps=500, start_divisor=25.0
 )
 def ptn_method(
     task: UnlearningTask,
@@ -59,8 +59,12 @@ def ptn_method(
     rho: float | None,
     growth: float,
     max_steps: int,
+    start_divisor: float,
 ) -> MethodOutput:
-    """PTN-style search: the least aggressive dampening that brings D_f accuracy to the target."""
+    """PTN-style search: the least aggressive dampening that brings D_f accuracy to the target.
+
+    `start_divisor` sets s_0 = |D_f| / N / start_divisor (SPEC.md: 25); larger starts gentler.
+    """
     if reference not in ("full", "retain"):
         raise UserError(f"ptn reference must be 'full' or 'retain', got {reference!r}")
     rho = request_rho(task.forget.kind, rho if rho is not None else task.rho)
@@ -73,7 +77,9 @@ def ptn_method(
         )
     full = task.importance(reference, kind)
     forget = task.importance("forget", kind)
-    schedule = ptn_schedule(full, forget, task.forget_fraction, growth=growth, max_steps=max_steps)
+    schedule = ptn_schedule(
+        full, forget, task.forget_fraction, growth=growth, max_steps=max_steps, start_divisor=start_divisor
+    )
     on_step = None
     if task.progress is not None:
         def on_step(step, acc):  # noqa: E306 - a one-line progress hook
@@ -92,9 +98,10 @@ def ptn_method(
     return output
 
 
-@register_method("potion_ptn", target=None, rho=None, growth=1.1, max_steps=500)
+@register_method("potion_ptn", target=None, rho=None, growth=1.1, max_steps=500, start_divisor=25.0)
 def potion_ptn_method(
-    task: UnlearningTask, target: float | None, rho: float | None, growth: float, max_steps: int
+    task: UnlearningTask, target: float | None, rho: float | None, growth: float, max_steps: int,
+    start_divisor: float,
 ) -> MethodOutput:
     """Potion + PTN: l2-norm importance, I^D on D_r, the PTN walk to rho x A_0 (poison)."""
-    return ptn_method(task, "l2_norm", "retain", target, rho, growth, max_steps)
+    return ptn_method(task, "l2_norm", "retain", target, rho, growth, max_steps, start_divisor)
