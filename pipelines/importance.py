@@ -526,7 +526,8 @@ def _worker_resources(cluster: dict, workers: int) -> tuple[bool, dict, int]:
     """(use_gpu, resources per worker, torch threads per worker), explicit for small boxes."""
     if cluster.get("GPU", 0) > 0:
         return True, {"CPU": 1, "GPU": 1}, 1
-    spare = max(cluster.get("CPU", 1) - 2 * DATA_TASK_CPUS, 0.1 * workers)  # room for Ray Data
+    data_actors = workers * DATA_ACTORS_PER_WORKER * DATA_TASK_CPUS  # each must fit beside the workers
+    spare = max(cluster.get("CPU", 1) - data_actors, 0.1 * workers)
     cpus = round(spare / workers, 3)
     return False, {"CPU": cpus}, max(1, round(cpus))
 

@@ -161,6 +161,14 @@ def test_chunk_plan_gives_every_fixed_batch_to_exactly_one_worker(num_rows, batc
     assert sorted(owner) == list(range(-(-num_rows // batch_size)))
 
 
+@pytest.mark.parametrize("cpus,workers,threads", [(2, 2, 1), (2, 1, 2), (8, 8, 1), (16, 4, 4)])
+def test_workers_leave_room_for_every_data_actor(cpus, workers, threads):
+    use_gpu, per_worker, torch_threads = pipeline._worker_resources({"CPU": cpus}, workers)
+    actors = workers * pipeline.DATA_ACTORS_PER_WORKER * pipeline.DATA_TASK_CPUS
+    assert not use_gpu and torch_threads == threads
+    assert workers * per_worker["CPU"] + actors <= cpus + 1e-9  # no actor waits for a CPU forever
+
+
 def test_bad_inputs_are_one_line_user_errors_before_any_ray_work(digits_checkpoint, parquet_checkpoint, tmp_path):
     with pytest.raises(unlearning.UserError, match="kind"):
         pipeline.compute_importance_on_ray(digits_checkpoint, "digits", kind="hessian")
