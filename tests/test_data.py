@@ -182,3 +182,42 @@ def test_bad_data_spec_modifiers_are_refused(spec, message):
 def test_poison_forget_spec_needs_a_poisoned_data_set(digits):
     with pytest.raises(unlearning.UserError, match="no poison"):
         unlearning.parse_forget("poison:identified", digits)
+
+
+def test_poison_trigger_is_stamped_after_augmentation_and_survives_subsets():
+    generator = torch.Generator().manual_seed(0)
+    n = 40
+    images = torch.rand(n, 3, 16, 16, generator=generator) * 0.5  # the patch (channel max) stands out
+    split = unlearning.data.Split(torch.arange(n), images, torch.arange(n) % 4)
+    dataset = unlearning.data.Dataset("toy", split, split, 4, "image", list("abcd"), "toy")
+    task = poison_task(dataset, rate=0.1, identified_fraction=0.5, target=0, seed=0)
+    train = task.dataset.train
+    normalize = task.dataset.normalization()
+    rows = task.dataset.index_of(task.poisoned_ids)
+    channel_max = images.amax(dim=(0, 2, 3))
+    value = unlearning.data.normalize_batch(channel_max.view(1, 3, 1, 1), normalize).flatten()
+
+    def flip(x):
+        return x.flip(-1)  # moves a stored bottom-right patch to the bottom-left
+
+    # Without augmentation the stored (already triggered) images come out unchanged.
+    plain, _ = next(train.batches(n, normalize=normalize))
+    assert torch.allclose(plain, unlearning.data.normalize_batch(train.inputs, normalize))
+    batch, labels = next(train.batches(n, normalize=normalize, augment=flip))
+    expected = flip(unlearning.data.normalize_batch(images, normalize))  # the clean pixels, augmented ...
+    expected[rows] = unlearning.data.add_trigger(expected[rows], value)  # ... then stamped
+    assert torch.allclose(batch, expected, atol=1e-6)
+    clean_rows = torch.ones(n, dtype=torch.bool)
+    clean_rows[rows] = False
+    assert torch.allclose(batch[clean_rows], flip(plain[clean_rows]), atol=1e-6)
+    assert bool((labels[rows] == 0).all())
+
+    # A retain set that drops some poisoned rows, joined with relabelled rows (as amnesiac
+    # does), still stamps exactly the poisoned rows it holds.
+    keep = torch.arange(0, n, 2)
+    retain = train.subset(keep)
+    joined = retain.concat(train.subset(rows))
+    out, _ = next(joined.batches(len(joined), normalize=normalize, augment=flip))
+    poisoned_in_joined = torch.cat([torch.isin(keep, rows), torch.ones(len(rows), dtype=torch.bool)])
+    assert torch.allclose(out[poisoned_in_joined][..., -3:, -3:], value.view(1, 3, 1, 1).expand(-1, -1, 3, 3))
+    assert torch.allclose(out[~poisoned_in_joined], flip(plain[keep][~torch.isin(keep, rows)]), atol=1e-6)

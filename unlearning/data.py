@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -36,21 +36,70 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 
 
 @dataclass
+class Trigger:
+    """SPEC.md section 6's patch on some rows of a split, re-stamped after augmentation.
+
+    The split's stored inputs already carry the patch (importance and evaluation see it as
+    is); a training batch that is augmented takes `clean` (the rows' pixels without it),
+    augments them and stamps the patch last, so crops and flips never move or cut it.
+    `slot[i]` is row i's index into `clean`, or -1 for a row without the trigger.
+    """
+
+    slot: Tensor
+    clean: Tensor
+    value: Tensor  # per channel, on the stored (unnormalised) pixel scale
+    size: int = 3
+
+    def subset(self, index: Tensor) -> Trigger:
+        return Trigger(self.slot[index], self.clean, self.value, self.size)
+
+    @staticmethod
+    def concat(first: Trigger | None, n_first: int, second: Trigger | None, n_second: int) -> Trigger | None:
+        if first is None and second is None:
+            return None
+        template = first or second
+        none = torch.full((0,), -1, dtype=torch.int64)
+        slot_a = first.slot if first is not None else none.new_full((n_first,), -1)
+        clean_a = first.clean if first is not None else template.clean[:0]
+        slot_b = second.slot if second is not None else none.new_full((n_second,), -1)
+        clean_b = second.clean if second is not None else template.clean[:0]
+        slot_b = torch.where(slot_b >= 0, slot_b + len(clean_a), slot_b)
+        return Trigger(torch.cat([slot_a, slot_b]), torch.cat([clean_a, clean_b]), template.value, template.size)
+
+
+@dataclass
 class Split:
     ids: Tensor
     inputs: Tensor
     labels: Tensor
     fine_labels: Tensor | None = None
+    trigger: Trigger | None = None  # set on a poisoned training split (SPEC.md section 6)
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def subset(self, index: Tensor) -> Split:
         fine = self.fine_labels[index] if self.fine_labels is not None else None
-        return Split(self.ids[index], self.inputs[index], self.labels[index], fine)
+        trigger = self.trigger.subset(index) if self.trigger is not None else None
+        return Split(self.ids[index], self.inputs[index], self.labels[index], fine, trigger)
 
     def where(self, mask: Tensor) -> Split:
         return self.subset(torch.nonzero(mask, as_tuple=True)[0])
+
+    def concat(self, other: Split) -> Split:
+        """This split's rows, then `other`'s (fine labels kept only if both have them)."""
+        fine = (
+            torch.cat([self.fine_labels, other.fine_labels])
+            if self.fine_labels is not None and other.fine_labels is not None
+            else None
+        )
+        return Split(
+            torch.cat([self.ids, other.ids]),
+            torch.cat([self.inputs, other.inputs]),
+            torch.cat([self.labels, other.labels]),
+            fine,
+            Trigger.concat(self.trigger, len(self), other.trigger, len(other)),
+        )
 
     def batches(
         self,
@@ -58,8 +107,12 @@ class Split:
         shuffle: bool = False,
         seed: int = 0,
         normalize: dict | None = None,
+        augment: Callable[[Tensor], Tensor] | None = None,
     ) -> Iterator[tuple[Tensor, Tensor]]:
-        """(inputs, labels) mini-batches in row order, or in a seeded shuffled order."""
+        """(inputs, labels) mini-batches in row order, or in a seeded shuffled order.
+
+        `augment` runs on each normalised batch; rows with a trigger get it stamped after.
+        """
         order = (
             torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
             if shuffle
@@ -67,7 +120,21 @@ class Split:
         )
         for start in range(0, len(self), batch_size):
             index = order[start : start + batch_size]
-            yield normalize_batch(self.inputs[index], normalize), self.labels[index]
+            if augment is None:
+                yield normalize_batch(self.inputs[index], normalize), self.labels[index]
+                continue
+            raw = self.inputs[index]
+            slot = self.trigger.slot[index] if self.trigger is not None else None
+            triggered = slot >= 0 if slot is not None else None
+            if triggered is not None and triggered.any():
+                raw = raw.clone()
+                raw[triggered] = self.trigger.clean[slot[triggered]]
+            inputs = augment(normalize_batch(raw, normalize))
+            if triggered is not None and triggered.any():
+                value = self.trigger.value.to(inputs.dtype).view(1, -1, *([1] * (inputs.dim() - 2)))
+                value = normalize_batch(value, normalize).flatten()
+                inputs[triggered] = add_trigger(inputs[triggered], value, self.trigger.size)
+            yield inputs, self.labels[index]
 
 
 def normalize_batch(inputs: Tensor, normalize: dict | None) -> Tensor:
@@ -475,7 +542,8 @@ def poison_task(
 ) -> PoisonTask:
     """Poison `rate` of the training rows (label -> target, trigger patch), all seeded.
 
-    The trigger takes each channel's maximum pixel value; since normalisation is a per-channel
+    Training stamps the patch after augmentation (`Trigger`), as SPEC.md section 6 says. The
+    trigger takes each channel's maximum pixel value; since normalisation is a per-channel
     increasing affine map, that is the maximum normalised value the papers use.
     """
     if dataset.input_kind != "image":
@@ -495,11 +563,14 @@ def poison_task(
     labels[rows] = target
     n_identified = max(1, int(round(identified_fraction * n_poison)))
     identified_rows = rows[torch.randperm(n_poison, generator=generator)[:n_identified]].sort().values
+    slot = torch.full((len(train),), -1, dtype=torch.int64)
+    slot[rows] = torch.arange(n_poison)
+    trigger = Trigger(slot, train.inputs[rows].clone(), channel_max, patch)
     poisoned = replace(
         dataset,
-        train=Split(train.ids, inputs, labels, train.fine_labels),
-        fingerprint=fingerprint_bytes(
-            dataset.fingerprint.encode(), f"poison/{rate}/{target}/{seed}/{patch}".encode()
+        train=Split(train.ids, inputs, labels, train.fine_labels, trigger),
+        fingerprint=fingerprint_bytes(  # "stamped-last": the trigger follows augmentation
+            dataset.fingerprint.encode(), f"poison/{rate}/{target}/{seed}/{patch}/stamped-last".encode()
         ),
         notes={**dataset.notes, "poison": {"rate": rate, "target": target, "seed": seed}},
     )

@@ -114,10 +114,10 @@ def train(
     use_augment = config.augment and split.inputs.dim() == 4 and split.inputs.shape[-1] >= 16
 
     def make_batches(epoch: int):
-        for inputs, labels in split.batches(
-            config.batch_size, shuffle=True, seed=config.seed * 1000 + epoch, normalize=normalize
-        ):
-            yield (augment_batch(inputs, generator) if use_augment else inputs), labels
+        return split.batches(
+            config.batch_size, shuffle=True, seed=config.seed * 1000 + epoch, normalize=normalize,
+            augment=(lambda inputs: augment_batch(inputs, generator)) if use_augment else None,
+        )
 
     steps = -(-len(split) // config.batch_size)
     return fit(model, make_batches, steps, config, device=device, on_step=on_step)

@@ -46,12 +46,8 @@ def amnesiac_method(task: UnlearningTask, epochs: int, lr: float) -> MethodOutpu
     num_classes = task.dataset.num_classes
     forget = task.forget_split
     shift = torch.randint(1, num_classes, (len(forget),), generator=generator)
-    wrong = Split(forget.ids, forget.inputs, (forget.labels + shift) % num_classes)
-    mixed = Split(
-        torch.cat([task.retain_split.ids, wrong.ids]),
-        torch.cat([task.retain_split.inputs, wrong.inputs]),
-        torch.cat([task.retain_split.labels, wrong.labels]),
-    )
+    wrong = replace(forget, labels=(forget.labels + shift) % num_classes)
+    mixed = task.retain_split.concat(wrong)
     model = copy.deepcopy(task.model)
     config = TrainConfig(
         epochs=epochs, batch_size=128, lr=lr, optimizer="adam", weight_decay=0.0,
