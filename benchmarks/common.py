@@ -46,6 +46,7 @@ class Scale:
     seeds: list[int] | None = None
     quick: bool = False
     ptn_start_divisor: float | None = None  # None = SPEC.md's 25
+    method_params: dict | None = None  # {method: {key: value}} from --param, over the defaults
 
     def recipe(self, seed: int) -> TrainConfig:
         return TrainConfig(

@@ -12,6 +12,7 @@ tasks, times the calls and tabulates. See benchmarks/README.md for the flags.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import shlex
 import sys
@@ -100,11 +101,24 @@ def make_task(model, dataset, forget, scale: Scale, batch_size: int, full=None, 
 
 
 def method_params(name: str, scale: Scale) -> dict:
+    params = dict(FINETUNE_BUDGET.get(name, {}))
     if name in ("ptn", "potion_ptn") and scale.ptn_start_divisor is not None:
-        return {"start_divisor": scale.ptn_start_divisor}
+        params["start_divisor"] = scale.ptn_start_divisor
     if name == "retrain" and scale.retrain_epochs is not None:
-        return {"epochs": scale.retrain_epochs}
-    return dict(FINETUNE_BUDGET.get(name, {}))
+        params["epochs"] = scale.retrain_epochs
+    return {**params, **(scale.method_params or {}).get(name, {})}
+
+
+def parse_method_param(text: str) -> tuple[str, str, object]:
+    """`METHOD:KEY=VALUE` (VALUE as JSON, else a string) -> (method, key, value)."""
+    method, sep, assignment = text.partition(":")
+    key, eq, value = assignment.partition("=")
+    if not (sep and eq and method and key):
+        raise argparse.ArgumentTypeError(f"--param takes METHOD:KEY=VALUE, got {text!r}")
+    try:
+        return method, key, json.loads(value)
+    except json.JSONDecodeError:
+        return method, key, value
 
 
 def run_one(name: str, task, dataset, forget, params: dict) -> dict:
@@ -565,12 +579,20 @@ def plot(suite: str, result: dict, path: Path, title: str) -> None:
 # ------------------------------------------------------------------ entry point
 
 
+def method_param_table(triples) -> dict:
+    table: dict = {}
+    for method, key, value in triples:
+        table.setdefault(method, {})[key] = value
+    return table
+
+
 def scale_from(args) -> Scale:
     scale = Scale(
         data=Path(args.data), arch=args.arch, width=args.width, epochs=args.epochs, batch_size=args.batch_size,
         lr=args.lr, augment=not args.no_augment, train_rows=args.train_rows, test_rows=args.test_rows,
         classes=args.classes, retrain_epochs=args.retrain_epochs, importance_mode=args.importance_mode,
         device=args.device, seeds=args.seeds, quick=args.quick, ptn_start_divisor=args.ptn_start_divisor,
+        method_params=method_param_table(args.param),
     )
     if args.quick:  # same code paths, smaller: a class-balanced subset, fewer epochs and requests
         scale = replace(
@@ -613,12 +635,17 @@ def parse(argv=None):
     parser.add_argument("--ptn-start-divisor", type=float, default=None,
                         help="ptn / potion_ptn: s_0 = |D_f| / N / this (default: SPEC.md's 25)")
     parser.add_argument("--ptn-forget", default=None, help="speed: the request the PTN timing uses (default class:K)")
+    parser.add_argument("--param", type=parse_method_param, action="append", default=[], metavar="METHOD:KEY=VALUE",
+                        help="a method parameter for this run, e.g. jit:lr=3e-5 (repeatable)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: all cores; on a loaded 2-core box 1 is faster)")
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--tag", default="", help="suffix of the result file names")
     args = parser.parse_args(argv)
+    for method, _, _ in args.param:
+        if method not in unlearning.METHODS:
+            parser.error(f"--param: unknown method {method!r}")
     # full scale: 3 epochs of 391 steps; quick: fewer rows, so smaller batches for enough steps
     defaults = {"epochs": 8, "batch_size": 32, "lr": 0.05} if args.quick else {"epochs": 3, "batch_size": 128, "lr": 0.2}
     for key, value in defaults.items():
