@@ -556,12 +556,16 @@ def plot(suite: str, result: dict, path: Path, title: str) -> None:
                 labels.append("PTN: Tune 1 trial /\nTune 2 trials")
                 values.append(p["tune_1_seconds"] / p["tune_2_seconds"])
         fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 1]})
-        left.bar(range(len(values)), values, color="tab:blue")
-        left.axhline(1, color="black", linewidth=0.8)
-        left.set_xticks(range(len(values)), labels, fontsize=7)
-        left.set_ylabel("speed ratio (higher = faster)")
-        for i, v in enumerate(values):
-            left.text(i, v, f"{v:.2f}", ha="center", va="bottom", fontsize=8)
+        if values:
+            left.bar(range(len(values)), values, color="tab:blue")
+            left.axhline(1, color="black", linewidth=0.8)
+            left.set_xticks(range(len(values)), labels, fontsize=7)
+            left.set_ylabel("speed ratio (higher = faster)")
+            for i, v in enumerate(values):
+                left.text(i, v, f"{v:.2f}", ha="center", va="bottom", fontsize=8)
+        else:  # --speed-parts left out the throughput and PTN parts
+            left.axis("off")
+            left.text(0.5, 0.5, "throughput and PTN parts not run (--speed-parts)", ha="center", va="center")
         if u:
             right.bar(["SSD step", "SSD + forget\nimportance", f"retrain\n({u['retrain_epochs']} epoch(s))"],
                       [u["ssd_unlearn_seconds"], u["ssd_unlearn_seconds"] + u["ssd_forget_importance_seconds"],
