@@ -53,16 +53,23 @@ class Trigger:
     def subset(self, index: Tensor) -> Trigger:
         return Trigger(self.slot[index], self.clean, self.value, self.size)
 
+    def stamp_value(self, normalize: dict | None, dim: int) -> Tensor:
+        """The patch value per channel on the normalised scale the augmented batches use."""
+        return normalize_batch(self.value.view(1, -1, *([1] * (dim - 2))), normalize).flatten()
+
     @staticmethod
     def concat(first: Trigger | None, n_first: int, second: Trigger | None, n_second: int) -> Trigger | None:
+        """The trigger of two splits' rows joined; a split without one adds untriggered rows."""
         if first is None and second is None:
             return None
-        template = first or second
-        none = torch.full((0,), -1, dtype=torch.int64)
-        slot_a = first.slot if first is not None else none.new_full((n_first,), -1)
-        clean_a = first.clean if first is not None else template.clean[:0]
-        slot_b = second.slot if second is not None else none.new_full((n_second,), -1)
-        clean_b = second.clean if second is not None else template.clean[:0]
+        template = first if first is not None else second
+
+        def parts(trigger: Trigger | None, n: int) -> tuple[Tensor, Tensor]:
+            if trigger is None:
+                return torch.full((n,), -1, dtype=torch.int64), template.clean[:0]
+            return trigger.slot, trigger.clean
+
+        (slot_a, clean_a), (slot_b, clean_b) = parts(first, n_first), parts(second, n_second)
         slot_b = torch.where(slot_b >= 0, slot_b + len(clean_a), slot_b)
         return Trigger(torch.cat([slot_a, slot_b]), torch.cat([clean_a, clean_b]), template.value, template.size)
 
@@ -118,22 +125,23 @@ class Split:
             if shuffle
             else torch.arange(len(self))
         )
+        trigger = self.trigger if augment is not None else None
+        stamp = trigger.stamp_value(normalize, self.inputs.dim()) if trigger is not None else None
         for start in range(0, len(self), batch_size):
             index = order[start : start + batch_size]
             if augment is None:
                 yield normalize_batch(self.inputs[index], normalize), self.labels[index]
                 continue
-            raw = self.inputs[index]
-            slot = self.trigger.slot[index] if self.trigger is not None else None
-            triggered = slot >= 0 if slot is not None else None
-            if triggered is not None and triggered.any():
-                raw = raw.clone()
-                raw[triggered] = self.trigger.clean[slot[triggered]]
+            raw, triggered = self.inputs[index], None
+            if trigger is not None:
+                slot = trigger.slot[index]
+                if bool((slot >= 0).any()):
+                    triggered = slot >= 0
+                    raw = raw.clone()
+                    raw[triggered] = trigger.clean[slot[triggered]]
             inputs = augment(normalize_batch(raw, normalize))
-            if triggered is not None and triggered.any():
-                value = self.trigger.value.to(inputs.dtype).view(1, -1, *([1] * (inputs.dim() - 2)))
-                value = normalize_batch(value, normalize).flatten()
-                inputs[triggered] = add_trigger(inputs[triggered], value, self.trigger.size)
+            if triggered is not None:
+                inputs[triggered] = add_trigger(inputs[triggered], stamp, trigger.size)
             yield inputs, self.labels[index]
 
 
