@@ -1,7 +1,8 @@
-"""Shared pieces of the benchmark suites: data subsets, cached original models, timing, tables.
+"""Shared pieces of the benchmark suites: the scale, data subsets, cached original models,
+machine info and logging.
 
 Nothing here computes unlearning maths: training, importance, methods and metrics all come
-from `unlearning/` (DESIGN.md). This module only decides scale, caching and bookkeeping.
+from `unlearning/` (docs/methods.md). This module only decides scale, caching and bookkeeping.
 """
 
 from __future__ import annotations
@@ -10,19 +11,22 @@ import json
 import os
 import platform
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 import unlearning
+from unlearning.checkpoint import model_meta
+from unlearning.data import fingerprint_bytes
 from unlearning.evaluation import evaluate_model
 from unlearning.training import TrainConfig, train
 
 HERE = Path(__file__).resolve().parent
 CACHE = HERE / "cache"
 RESULTS = HERE / "results"
-CIFAR10 = Path("/work/shared/data/cifar10")
+# The shared data lives next to the repository: ../shared/data/cifar10 (`--data` overrides it).
+CIFAR10 = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
 
 
 @dataclass
@@ -45,7 +49,7 @@ class Scale:
     device: str = "cpu"
     seeds: list[int] | None = None
     quick: bool = False
-    ptn_start_divisor: float | None = None  # None = SPEC.md's 25
+    ptn_start_divisor: float | None = None  # None = unlearning.search.PTNConfig's default
     method_params: dict | None = None  # {method: {key: value}} from --param, over the defaults
 
     def recipe(self, seed: int) -> TrainConfig:
@@ -91,7 +95,7 @@ def original_model(scale: Scale, dataset: unlearning.Dataset, seed: int, log=pri
     (data fingerprint, architecture, recipe, seed) under benchmarks/cache/models/."""
     recipe = scale.recipe(seed)
     normalize = dataset.normalization()
-    key = unlearning.data.fingerprint_bytes(
+    key = fingerprint_bytes(
         json.dumps([dataset.fingerprint, scale.arch, scale.arch_args(), recipe.to_dict()], sort_keys=True).encode()
     )
     path = CACHE / "models" / f"{dataset.name}-{scale.arch}-seed{seed}-{key}"
@@ -107,7 +111,7 @@ def original_model(scale: Scale, dataset: unlearning.Dataset, seed: int, log=pri
     train(model, dataset.train, recipe, normalize, device=scale.device)
     seconds = time.perf_counter() - started
     model.cpu()
-    model.amnesis_meta["train_config"] = recipe.to_dict()
+    model_meta(model)["train_config"] = recipe.to_dict()
     metrics = evaluate_model(model, dataset, None, normalize)
     info = {
         "train_seconds": seconds,
@@ -124,6 +128,10 @@ def original_model(scale: Scale, dataset: unlearning.Dataset, seed: int, log=pri
     return model, info
 
 
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
 def machine() -> str:
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     return (
@@ -137,7 +145,3 @@ def write_json(path: Path, data) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=1, default=float))
     tmp.replace(path)
-
-
-def with_train(dataset: unlearning.Dataset, train_split) -> unlearning.Dataset:
-    return replace(dataset, train=train_split)

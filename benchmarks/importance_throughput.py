@@ -1,6 +1,7 @@
 """Throughput of distributed importance against a bare single-process PyTorch loop.
 
-Same model (resnet_small, width 16), same rows (the first --rows of CIFAR-10's train split),
+Same model (resnet_small, width 16), same rows (the first --rows of CIFAR-10's train split,
+read from --data, by default ../shared/data/cifar10 next to the repository),
 same batch size, kind and mode, same total cores: the bare loop runs with all of them as torch
 threads and with one (the faster is the baseline); the pipeline gives its workers the same cores
 (1 worker x 2 threads, 2 workers x 1).
@@ -21,6 +22,8 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,11 +31,13 @@ import pyarrow.parquet as pq
 import torch
 
 import unlearning
-from pipelines.importance import compute_importance_on_ray
+from benchmarks.common import CIFAR10
+from pipelines.distributed import compute_importance_on_ray
 from pipelines.ray_session import available_cpus, ensure_ray
-from unlearning.data import decode_image, normalize_batch
+from unlearning.checkpoint import model_meta
+from unlearning.data import normalize_batch
+from unlearning.data.sources import decode_image
 
-CIFAR = Path("/work/shared/data/cifar10")
 CIFAR_NORMALIZE = {"mean": [0.4914, 0.4822, 0.4465], "std": [0.247, 0.2435, 0.2616]}
 
 
@@ -93,11 +98,11 @@ class PeakRss:
         self._thread.join()
 
 
-def make_subset(rows: int, directory: Path) -> Path:
+def make_subset(rows: int, directory: Path, source: Path = CIFAR10) -> Path:
     """train.parquet = the first `rows` CIFAR-10 training rows; test.parquet = 100 test rows."""
     data = directory / f"cifar10-{rows}"
     data.mkdir()
-    train = pq.ParquetFile(CIFAR / "train.parquet")
+    train = pq.ParquetFile(source / "train.parquet")
     writer = None
     taken = 0
     for batch in train.iter_batches(batch_size=1000):
@@ -109,7 +114,7 @@ def make_subset(rows: int, directory: Path) -> Path:
         if taken >= rows:
             break
     writer.close()
-    pq.write_table(pq.read_table(CIFAR / "test.parquet").slice(0, 100), data / "test.parquet")
+    pq.write_table(pq.read_table(source / "test.parquet").slice(0, 100), data / "test.parquet")
     return data
 
 
@@ -117,7 +122,7 @@ def bare_loop(model_path: Path, data: Path, kind: str, mode: str, batch_size: in
     """Decode + normalise + compute_importance_sums in one process, streaming the Parquet file."""
     torch.set_num_threads(threads)
     model = unlearning.load_model(model_path)
-    normalize = model.amnesis_meta["normalize"]
+    normalize = model_meta(model)["normalize"]
 
     def batches():  # fixed batches of consecutive rows, as Split.batches forms them
         images, labels = [], []
@@ -143,6 +148,71 @@ def worst_relative_difference(a: unlearning.ImportanceSums, b: unlearning.Import
     return max(float((a.sums[n] - b.sums[n]).abs().max() / b.sums[n].abs().max()) for n in b.sums)
 
 
+@dataclass
+class Setup:
+    """One measurement's inputs: the saved model, the data subset and the importance settings."""
+
+    model: Path
+    data: Path
+    rows: int
+    kind: str
+    mode: str
+    batch_size: int
+    print_fn: Callable = print
+
+
+def bare_runs(setup: Setup, cores: int) -> tuple[list[dict], float, unlearning.ImportanceSums | None]:
+    """The bare loop with all cores as threads and with one: (rows, best rows/s, its sums)."""
+    results, bare_rate, reference = [], 0.0, None
+    rows = setup.rows
+    for threads in sorted({cores, 1}, reverse=True):
+        with PeakRss() as memory:
+            sums, seconds = bare_loop(setup.model, setup.data, setup.kind, setup.mode, setup.batch_size, threads)
+        if rows / seconds > bare_rate:
+            bare_rate, reference = rows / seconds, sums
+        results.append({
+            "variant": f"bare loop, {threads} thread(s)", "threads": threads, "seconds": seconds,
+            "rows_per_s": rows / seconds, "peak_rss_mib": memory.peaks, "peak_private_mib": memory.private,
+        })
+        setup.print_fn(f"bare loop ({threads} thread(s)): {seconds:7.1f} s  {rows / seconds:7.1f} rows/s  "
+                       f"driver peak RSS / private {memory.peaks['driver']:.0f} / {memory.private['driver']:.0f} MiB")
+    for result in results:
+        result["baseline"] = result["rows_per_s"] == bare_rate
+    setup.print_fn(f"baseline: {bare_rate:.1f} rows/s")
+    return results, bare_rate, reference
+
+
+def ray_run(setup: Setup, n_workers: int, bare_rate: float, reference) -> dict:
+    """The Ray pipeline with `n_workers` workers, compared with the bare loop's best if it ran."""
+    rows = setup.rows
+    with PeakRss() as memory:
+        started = time.perf_counter()
+        sums = compute_importance_on_ray(
+            setup.model, setup.data, n_workers, setup.kind, setup.mode, setup.batch_size, progress=False
+        )
+        seconds = time.perf_counter() - started
+    streaming = sums.meta["seconds_streaming"]
+    peaks, private = memory.peaks, memory.private
+    result = {
+        "variant": f"ray, {n_workers} worker(s)", "workers": n_workers, "seconds": seconds,
+        "rows_per_s": rows / seconds, "streaming_seconds": streaming, "streaming_rows_per_s": rows / streaming,
+        "peak_rss_mib": peaks, "peak_private_mib": private, "baseline": False,
+    }
+    line = (f"ray, {n_workers} worker(s): {seconds:7.1f} s  end-to-end {rows / seconds:7.1f} rows/s; "
+            f"streaming {streaming:6.1f} s {rows / streaming:7.1f} rows/s")
+    if reference is not None:
+        result["vs_bare_end_to_end"] = rows / seconds / bare_rate
+        result["vs_bare_streaming"] = rows / streaming / bare_rate
+        result["worst_relative_difference"] = worst_relative_difference(sums, reference)
+        line += (f" ({result['vs_bare_end_to_end']:4.0%} / {result['vs_bare_streaming']:4.0%} of bare; "
+                 f"worst rel. diff vs bare {result['worst_relative_difference']:.1e})")
+    setup.print_fn(line)
+    setup.print_fn("    MiB peak RSS / peak private: " + ", ".join(
+        f"{part} {peaks.get(part, 0):.0f} / {private.get(part, 0):.0f}"
+        for part in ("driver", "train_worker", "data_task")))
+    return result
+
+
 def measure(
     rows: int = 50_000,
     batch_size: int = 64,
@@ -151,63 +221,25 @@ def measure(
     workers: list[int] | tuple[int, ...] = (1, 2),
     print_fn=print,
     bare: bool = True,
+    data: Path = CIFAR10,
 ) -> list[dict]:
-    """Run every variant once; one dict per variant (the bare loop's best is the baseline)."""
+    """Run every variant once; one dict per variant (the bare loop's best is the baseline).
+
+    `data` is a CIFAR-10 directory with train.parquet and test.parquet.
+    """
     cores = available_cpus()
-    results: list[dict] = []
     scratch = Path(tempfile.mkdtemp(prefix="amnesis-bench-"))
     try:
-        data = make_subset(rows, scratch)
         model = unlearning.new_model("resnet_small", 10, (3, 32, 32), CIFAR_NORMALIZE, seed=0, width=16)
-        unlearning.save_model(model, scratch / "model")
+        setup = Setup(scratch / "model", make_subset(rows, scratch, Path(data)), rows, kind, mode, batch_size, print_fn)
+        unlearning.save_model(model, setup.model)
         print_fn(f"{rows} CIFAR-10 rows, resnet_small w16, {kind}/{mode}, batch {batch_size}, {cores} cores")
-
         # The baseline is the bare loop's best thread count within the same cores: on a loaded
         # machine OpenMP threads that outnumber the free cores can be several times slower.
-        bare_rate, reference = 0.0, None  # stays so with bare=False (a memory sweep)
-        for threads in sorted({cores, 1}, reverse=True) if bare else []:
-            with PeakRss() as memory:
-                sums, seconds = bare_loop(scratch / "model", data, kind, mode, batch_size, threads)
-            if rows / seconds > bare_rate:
-                bare_rate, reference = rows / seconds, sums
-            results.append({
-                "variant": f"bare loop, {threads} thread(s)", "threads": threads, "seconds": seconds,
-                "rows_per_s": rows / seconds, "peak_rss_mib": memory.peaks, "peak_private_mib": memory.private,
-            })
-            print_fn(f"bare loop ({threads} thread(s)): {seconds:7.1f} s  {rows / seconds:7.1f} rows/s  driver peak RSS / private {memory.peaks['driver']:.0f} / {memory.private['driver']:.0f} MiB")
-        for result in results:
-            result["baseline"] = result["rows_per_s"] == bare_rate
-        if bare:
-            print_fn(f"baseline: {bare_rate:.1f} rows/s")
-
+        # Without the bare loop (bare=False, a memory sweep) there is no baseline.
+        results, bare_rate, reference = bare_runs(setup, cores) if bare else ([], 0.0, None)
         ensure_ray()
-        for n_workers in workers:
-            with PeakRss() as memory:
-                started = time.perf_counter()
-                sums = compute_importance_on_ray(
-                    scratch / "model", data, n_workers, kind, mode, batch_size, progress=False
-                )
-                seconds = time.perf_counter() - started
-            streaming = sums.meta["seconds_streaming"]
-            peaks, private = memory.peaks, memory.private
-            result = {
-                "variant": f"ray, {n_workers} worker(s)", "workers": n_workers, "seconds": seconds,
-                "rows_per_s": rows / seconds, "streaming_seconds": streaming, "streaming_rows_per_s": rows / streaming,
-                "peak_rss_mib": peaks, "peak_private_mib": private, "baseline": False,
-            }
-            line = (f"ray, {n_workers} worker(s): {seconds:7.1f} s  end-to-end {rows / seconds:7.1f} rows/s; "
-                    f"streaming {streaming:6.1f} s {rows / streaming:7.1f} rows/s")
-            if reference is not None:
-                result["vs_bare_end_to_end"] = rows / seconds / bare_rate
-                result["vs_bare_streaming"] = rows / streaming / bare_rate
-                result["worst_relative_difference"] = worst_relative_difference(sums, reference)
-                line += (f" ({result['vs_bare_end_to_end']:4.0%} / {result['vs_bare_streaming']:4.0%} of bare; "
-                         f"worst rel. diff vs bare {result['worst_relative_difference']:.1e})")
-            results.append(result)
-            print_fn(line)
-            print_fn("    MiB peak RSS / peak private: " + ", ".join(
-                f"{kind} {peaks.get(kind, 0):.0f} / {private.get(kind, 0):.0f}"
-                for kind in ("driver", "train_worker", "data_task")))
+        results += [ray_run(setup, n_workers, bare_rate, reference) for n_workers in workers]
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return results
@@ -221,8 +253,13 @@ def main() -> None:
     parser.add_argument("--mode", default="batch")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--no-bare", action="store_true", help="skip the bare loop (a memory sweep over --rows)")
+    parser.add_argument("--data", default=str(CIFAR10),
+                        help="CIFAR-10 with train.parquet and test.parquet (default: ../shared/data/cifar10)")
     args = parser.parse_args()
-    measure(args.rows, args.batch_size, args.kind, args.mode, args.workers, bare=not args.no_bare)
+    if not (Path(args.data) / "train.parquet").exists():
+        parser.error(f"data directory {args.data} not found; pass --data DIR "
+                     "(a directory with train.parquet and test.parquet)")
+    measure(args.rows, args.batch_size, args.kind, args.mode, args.workers, bare=not args.no_bare, data=args.data)
 
 
 if __name__ == "__main__":

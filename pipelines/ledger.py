@@ -282,13 +282,14 @@ def process_pending(
     out_root: str | Path,
     initial_model: str | None = None,
     options=None,
+    fault_point=None,
 ) -> dict:
     """Process every pending request in one batch; returns a summary.
 
-    Pause points (pipelines.faults) after each step let tests kill the process there.
+    `fault_point(step)` is called after each step ("claimed", "unlearning", "logged",
+    "registered", "finished"); tests pass one that stops the process there to kill it.
     """
     import unlearning
-    from pipelines.faults import pause_point
     from pipelines.request import ForgetOptions, run_forget
     from pipelines.tracking import (
         find_batch_version,
@@ -297,6 +298,7 @@ def process_pending(
         version_info,
     )
 
+    pause_point = fault_point or (lambda step: None)
     claim = ledger.claim()
     if claim is None:
         return {"batch": None, "processed": 0, "message": "no pending requests"}
@@ -341,10 +343,10 @@ def process_pending(
         if out.exists():  # a previous attempt wrote it but did not register: keep it, write anew
             out = out_root / f"batch-{claim.batch_id}-attempt-{datetime.now().strftime('%H%M%S')}"
         pause_point("unlearning")
-        report = run_forget(model_uri, data_spec, str(ids_file), str(out), options)
-        entry = report["mlflow"]
+        report = run_forget(model_uri, data_spec, str(ids_file), str(out), options, fault_point=fault_point)
+        entry = report.mlflow
         pause_point("registered")
-        version, parent, run_id = entry["model_version"], entry["parent_version"], entry["run_id"]
+        version, parent, run_id = entry.model_version, entry.parent_version, entry.run_id
     else:
         register_alias(model_name, adopted["version"])
         version, parent, run_id = adopted["version"], adopted["tags"].get("parent_version", ""), adopted["run_id"]

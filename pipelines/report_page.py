@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipelines.summary import format_table
+from pipelines.report import RequestReport
+from pipelines.summary import format_table, report_rows
 from unlearning.dampening import importance_ratios
 from unlearning.methods import UnlearningTask
 from unlearning.metrics import accuracy
@@ -32,38 +33,36 @@ def _pyplot():
     return plt
 
 
-def plot_per_class(report: dict, class_names: list[str], path: Path) -> None:
+def plot_per_class(report: RequestReport, class_names: list[str], path: Path) -> None:
     plt = _pyplot()
-    series = [("original", report["original_metrics"]), (f"unlearned ({report['method']})", report["metrics"])]
-    if report.get("retrain_metrics"):
-        series.append(("retrained", report["retrain_metrics"]))
+    series = [(name, metrics) for name, metrics, _ in report_rows(report, f"unlearned ({report.method})", "retrained")]
     n = len(class_names)
     width = 0.8 / len(series)
     fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * n + 2), 4.0), dpi=120)
     for i, (label, metrics) in enumerate(series):
         values = [100 * (v if v == v else 0.0) for v in metrics["per_class_test_acc"]]
         ax.bar(np.arange(n) + (i - (len(series) - 1) / 2) * width, values, width, label=label)
-    for k in report["forget"].get("classes", []) if report["forget"]["kind"] == "class" else []:
+    for k in report.forget.classes if report.forget.kind == "class" else []:
         ax.axvspan(k - 0.45, k + 0.45, color="red", alpha=0.08)
     ax.set_xticks(np.arange(n), class_names, rotation=45 if n > 10 else 0, ha="right" if n > 10 else "center")
-    ax.set_xlabel("class (forgotten class shaded)" if report["forget"]["kind"] == "class" else "class")
+    ax.set_xlabel("class (forgotten class shaded)" if report.forget.kind == "class" else "class")
     ax.set_ylabel("test accuracy (%)")
     ax.set_ylim(0, 105)
-    ax.set_title(f"Per-class test accuracy: forget {report['forget']['spec']}")
+    ax.set_title(f"Per-class test accuracy: forget {report.forget.spec}")
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=len(series), fontsize=8, frameon=False)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
 
 
-def search_curve(task: UnlearningTask, report: dict) -> list[dict]:
+def search_curve(task: UnlearningTask, report: RequestReport) -> list[dict]:
     """Forget accuracy (from the search) and retained accuracy (on a sample) along the path."""
-    path = report.get("details", {}).get("path") or []
+    path = report.details.get("path") or []
     if not path:
         return []
-    kind, reference = report["params"].get("kind", "fisher"), report["params"].get("reference", "full")
+    kind, reference = report.params.get("kind", "fisher"), report.params.get("reference", "full")
     full, forget = task.importance(reference, kind), task.importance("forget", kind)
-    chosen = report["params"].get("step")
+    chosen = report.params.get("step")
     picks = sorted(set(np.linspace(0, len(path) - 1, min(len(path), MAX_PATH_POINTS)).round().astype(int).tolist()))
     generator = torch.Generator().manual_seed(0)
     sample = torch.randperm(len(task.retain_split), generator=generator)[:RETAIN_SAMPLE].sort().values
@@ -98,15 +97,15 @@ def plot_search_path(curve: list[dict], target: float | None, path: Path) -> Non
     plt.close(fig)
 
 
-def plot_ratios(task: UnlearningTask, report: dict, path: Path) -> None:
+def plot_ratios(task: UnlearningTask, report: RequestReport, path: Path) -> None:
     plt = _pyplot()
-    kind, reference = report["params"].get("kind", "fisher"), report["params"].get("reference", "full")
+    kind, reference = report.params.get("kind", "fisher"), report.params.get("reference", "full")
     ratios = importance_ratios(task.importance(reference, kind), task.importance("forget", kind))
     ratios = ratios[ratios > 0]
     fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=120)
     ax.hist(np.log10(ratios.numpy()), bins=100, color="tab:blue", alpha=0.8)
     ax.set_yscale("log")
-    alpha = report["params"].get("alpha")
+    alpha = report.params.get("alpha")
     if alpha:
         selected = float((ratios > alpha).double().mean())
         ax.axvline(math.log10(alpha), color="red", lw=1.5, label=f"α = {alpha:.3g}: {100 * selected:.2f}% of parameters dampened")
@@ -119,7 +118,7 @@ def plot_ratios(task: UnlearningTask, report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_report_files(task: UnlearningTask, report: dict, class_names: list[str], directory: Path) -> list[Path]:
+def write_report_files(task: UnlearningTask, report: RequestReport, class_names: list[str], directory: Path) -> list[Path]:
     """report.md and its PNGs into `directory`; returns the files written."""
     directory = Path(directory)
     files = [directory / "per_class.png"]
@@ -127,30 +126,35 @@ def write_report_files(task: UnlearningTask, report: dict, class_names: list[str
     curve = search_curve(task, report)
     if curve:
         files.append(directory / "search_path.png")
-        plot_search_path(curve, report["params"].get("target"), files[-1])
-    if "alpha" in report["params"]:
+        plot_search_path(curve, report.params.get("target"), files[-1])
+    if "alpha" in report.params:
         files.append(directory / "importance_ratios.png")
         plot_ratios(task, report, files[-1])
-    rows = [("original", report["original_metrics"], None), (report["method"], report["metrics"], report["seconds"]["total"])]
-    if report.get("retrain_metrics"):
-        rows.append(("retrained", report["retrain_metrics"], report.get("retrain_seconds")))
-    params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in report["params"].items() if v is not None)
-    lines = [
-        f"# Deletion request: forget `{report['forget']['spec']}`",
+    lines = page_lines(report) + [f"![{f.stem}]({f.name})" for f in files]
+    (directory / "report.md").write_text("\n".join(lines) + "\n")
+    return [directory / "report.md", *files]
+
+
+def page_lines(report: RequestReport) -> list[str]:
+    """report.md's text above the plots."""
+    params = ", ".join(
+        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in report.params.items() if v is not None
+    )
+    forget, seconds = report.forget, report.seconds
+    return [
+        f"# Deletion request: forget `{forget.spec}`",
         "",
-        f"- method: **{report['method']}** ({params})",
-        f"- forget set: {report['forget']['size']} samples ({100 * report['forget']['forget_fraction']:.2f}% of the training data), manifest {report['forget']['manifest_hash']}",
-        f"- data: `{report['data']['spec']}` ({report['data']['fingerprint']}); importance mode {report['importance']['mode']}",
-        f"- seconds: importance {report['seconds']['importance']:.1f}, unlearning {report['seconds']['unlearn']:.1f}",
+        f"- method: **{report.method}** ({params})",
+        f"- forget set: {forget.size} samples ({100 * forget.forget_fraction:.2f}% of the training data), "
+        f"manifest {forget.manifest_hash}",
+        f"- data: `{report.data['spec']}` ({report.data['fingerprint']}); importance mode {report.importance.mode}",
+        f"- seconds: importance {seconds['importance']:.1f}, unlearning {seconds['unlearn']:.1f}",
         "",
         "```",
-        format_table(rows),
+        format_table(report_rows(report, report.method, "retrained")),
         "```",
         "",
         "Accuracies are per-sample fractions; MIA is the share of forget samples a logistic",
-        "regression on softmax entropy calls \"member\" (lower is better; compare with retraining).",
+        'regression on softmax entropy calls "member" (lower is better; compare with retraining).',
         "",
     ]
-    lines += [f"![{f.stem}]({f.name})" for f in files]
-    (directory / "report.md").write_text("\n".join(lines) + "\n")
-    return [directory / "report.md", *files]

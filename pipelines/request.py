@@ -1,27 +1,37 @@
 """One deletion request, start to finish: load, unlearn, evaluate, write the run directory.
 
-The run directory (DESIGN.md, files) holds the new checkpoint, `report.json` and the forget
-manifest `forget_ids.txt`; it appears atomically and never replaces an existing path.
+    run_forget -> prepare_request (model, data, forget set, UnlearningTask)
+               -> the method, or a search on Ray Tune (pipelines.search)
+               -> build_report (RequestReport) -> write_run (checkpoint, report.json,
+                  forget_ids.txt, report.md; MLflow inside, before the directory appears)
+
+The run directory (docs/requests.md) appears atomically and never replaces an existing path.
+The smaller functions here (`build_task`, `run_method_timed`, `poison_outcome`,
+`parse_param`) are the request API the CLI, the ledger and the benchmarks share.
 """
 
 from __future__ import annotations
 
+import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 import unlearning
-from pipelines.importance import RayImportanceBackend
 from pipelines.ray_session import DEFAULT_RAY_MIN_ROWS
+from pipelines.report import ForgetSummary, ImportanceSummary, RequestReport
 from unlearning.checkpoint import atomic_directory, model_meta, write_json, write_model_files
 from unlearning.data import Dataset, ForgetSet, split_forget
 from unlearning.errors import UserError
 from unlearning.evaluation import evaluate_model
 from unlearning.methods import MethodOutput, UnlearningTask
+from unlearning.metrics import healed_fraction
 from unlearning.training import TrainConfig
 
+FaultPoint = Callable[[str], None]  # called with a step's name; tests kill the process there
 DEFAULT_METHOD = "ptn"
 
 
@@ -31,6 +41,8 @@ def default_device() -> str:
 
 @dataclass
 class ForgetOptions:
+    """How to process a request (the CLI's `forget`/`search` options)."""
+
     method: str = DEFAULT_METHOD
     params: dict = field(default_factory=dict)
     importance_store: str | None = None
@@ -51,13 +63,47 @@ class ForgetOptions:
     show_progress: bool = True  # progress bars of importance runs on Ray
 
 
+def parse_param(text: str) -> tuple[str, object]:
+    """`KEY=VALUE` -> (key, value), the value read as JSON if it is JSON, else as a string."""
+    if "=" not in text:
+        raise UserError(f"a method parameter takes KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
 @dataclass
 class PreparedRequest:
     model: torch.nn.Module
     dataset: Dataset
     forget: ForgetSet
     task: UnlearningTask
-    store_meta: dict | None
+    store_meta: dict | None = field(default=None)
+
+
+def build_task(model: torch.nn.Module, dataset: Dataset, forget: ForgetSet, **settings) -> UnlearningTask:
+    """The UnlearningTask of one request on an in-memory model and data set.
+
+    `settings` are UnlearningTask fields (importance_mode, batch_size, seed, device,
+    full_importance, ...); the normalisation and the training recipe come from the model.
+    """
+    meta = model_meta(model)
+    retain_split, forget_split = split_forget(dataset, forget)
+    recipe = meta.get("train_config")
+    device = settings.pop("device", "cpu")
+    return UnlearningTask(
+        model=model.to(device),
+        dataset=dataset,
+        forget=forget,
+        retain_split=retain_split,
+        forget_split=forget_split,
+        normalize=meta.get("normalize"),
+        device=device,
+        train_config=TrainConfig(**recipe) if recipe else None,
+        **settings,
+    )
 
 
 def prepare_request(
@@ -76,42 +122,18 @@ def prepare_request(
     if removed_before:
         gone = torch.isin(dataset.train.ids, torch.tensor(removed_before, dtype=torch.int64))
         dataset = replace(dataset, train=dataset.train.where(~gone))
-    meta = model_meta(model)
-    if meta["num_classes"] != dataset.num_classes or tuple(meta["input_shape"]) != dataset.input_shape:
-        raise UserError(
-            f"model {model_path} expects {meta['num_classes']} classes of shape {tuple(meta['input_shape'])}, "
-            f"data {data_spec} has {dataset.num_classes} of shape {dataset.input_shape}"
-        )
+    _check_model_fits(model_meta(model), dataset, model_path, data_spec)
     forget = unlearning.parse_forget(forget_spec, dataset, seed=options.seed)
-    retain_split, forget_split = split_forget(dataset, forget)
-    full_importance, store_meta, store_kind = None, None, None
-    if options.importance_store:
-        full_importance, store_meta = unlearning.load_importance(options.importance_store, model)
-        store_kind = store_meta.get("kind")
-        if store_meta.get("dataset_fingerprint") not in (None, dataset.fingerprint):
-            raise UserError(
-                f"importance store {options.importance_store} was computed on another data set "
-                f"({store_meta.get('dataset_fingerprint')}), not {data_spec} ({dataset.fingerprint})"
-            )
-    recipe = meta.get("train_config")
-    task = UnlearningTask(
-        model=model.to(options.device),
-        dataset=dataset,
-        forget=forget,
-        retain_split=retain_split,
-        forget_split=forget_split,
-        normalize=meta.get("normalize"),
-        importance_mode=options.mode,
-        batch_size=options.batch_size,
-        seed=options.seed,
-        device=options.device,
-        train_config=TrainConfig(**recipe) if recipe else None,
-        full_importance=full_importance,
-        full_importance_kind=store_kind,
-        full_importance_mode=(store_meta or {}).get("mode"),
-        rho=options.rho,
+    full_importance, store_meta = _load_store(options.importance_store, model, dataset, data_spec)
+    task = build_task(
+        model, dataset, forget,
+        importance_mode=options.mode, batch_size=options.batch_size, seed=options.seed, device=options.device,
+        full_importance=full_importance, full_importance_kind=(store_meta or {}).get("kind"),
+        full_importance_mode=(store_meta or {}).get("mode"), rho=options.rho,
     )
     if options.ray_min_rows is not None:
+        from pipelines.distributed import RayImportanceBackend
+
         task.importance_backend = RayImportanceBackend(
             model_path, data_spec, training_ids, dataset.fingerprint, options.workers,
             options.ray_min_rows, options.show_progress,
@@ -119,14 +141,43 @@ def prepare_request(
     return PreparedRequest(model, dataset, forget, task, store_meta)
 
 
-def run_method_timed(prepared: PreparedRequest, method: str, params: dict) -> tuple[MethodOutput, dict]:
-    task = prepared.task
+def _check_model_fits(meta: dict, dataset: Dataset, model_path: str, data_spec: str) -> None:
+    if meta["num_classes"] != dataset.num_classes or tuple(meta["input_shape"]) != dataset.input_shape:
+        raise UserError(
+            f"model {model_path} expects {meta['num_classes']} classes of shape {tuple(meta['input_shape'])}, "
+            f"data {data_spec} has {dataset.num_classes} of shape {dataset.input_shape}"
+        )
+
+
+def _load_store(path: str | None, model, dataset: Dataset, data_spec: str) -> tuple[dict | None, dict | None]:
+    """(I^D, the store's meta) from an importance store made for this model and data, or Nones."""
+    if not path:
+        return None, None
+    importance, meta = unlearning.load_importance(path, model)
+    if meta.get("dataset_fingerprint") not in (None, dataset.fingerprint):
+        raise UserError(
+            f"importance store {path} was computed on another data set "
+            f"({meta.get('dataset_fingerprint')}), not {data_spec} ({dataset.fingerprint})"
+        )
+    return importance, meta
+
+
+def run_method_timed(task: UnlearningTask, method: str, params: dict) -> tuple[MethodOutput, dict]:
+    """Run a registered method; seconds split into `importance` and `unlearn`."""
     before = task.importance_seconds
     started = time.perf_counter()
     output = unlearning.run_method(method, task, **params)
     total = time.perf_counter() - started
     importance = task.importance_seconds - before
     return output, {"importance": importance, "unlearn": total - importance}
+
+
+def poison_outcome(original_metrics: dict, metrics: dict) -> dict:
+    """A poison request's healed share of the attack and its clean accuracy drop."""
+    return {
+        "healed": healed_fraction(original_metrics["attack_success_rate"], metrics["attack_success_rate"]),
+        "accuracy_drop": original_metrics["test_acc"] - metrics["test_acc"],
+    }
 
 
 def random_reference(model: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -138,147 +189,138 @@ def random_reference(model: torch.nn.Module, seed: int) -> torch.nn.Module:
 
 
 def build_report(
-    prepared: PreparedRequest,
-    method: str,
-    output: MethodOutput,
-    seconds: dict,
-    data_spec: str,
-    original_metrics: dict | None = None,
-    zrf: bool = False,
-) -> dict:
-    task = prepared.task
-    model = output.model.to(task.device)
+    prepared: PreparedRequest, method: str, output: MethodOutput, seconds: dict, data_spec: str,
+    removed_before: int = 0, zrf: bool = False,
+) -> RequestReport:
+    """Evaluate the original and the unlearned model; the request's report, built once."""
+    task, forget = prepared.task, prepared.forget
     reference = random_reference(task.model, task.seed) if zrf else None
-    metrics = evaluate_model(model, prepared.dataset, prepared.forget, task.normalize, random_model=reference)
-    if original_metrics is None:
-        original_metrics = evaluate_model(
-            task.model, prepared.dataset, prepared.forget, task.normalize, random_model=reference
-        )
+
+    def evaluate(model):
+        return evaluate_model(model.to(task.device), prepared.dataset, forget, task.normalize, random_model=reference)
+
+    metrics, original_metrics = evaluate(output.model), evaluate(task.model)
     if "attack_success_rate" in metrics:
-        from unlearning.metrics import healed_fraction
-
-        metrics["healed"] = healed_fraction(original_metrics["attack_success_rate"], metrics["attack_success_rate"])
-        metrics["accuracy_drop"] = original_metrics["test_acc"] - metrics["test_acc"]
-    parent = model_meta(task.model)
-    return {
-        "method": method,
-        "params": output.params,
-        "details": output.details,
-        "metrics": metrics,
-        "original_metrics": original_metrics,
-        "seconds": {**seconds, "total": seconds["importance"] + seconds["unlearn"]},
-        "forget": {
-            "spec": prepared.forget.spec,
-            "kind": prepared.forget.kind,
-            "size": len(prepared.forget.ids),
-            "classes": prepared.forget.classes,
-            "manifest_hash": prepared.forget.manifest_hash(),
-            "forget_fraction": task.forget_fraction,
-        },
-        "importance": {
-            "mode": task.importance_mode,
-            "batch_size": task.batch_size,
-            "store": prepared.store_meta,
-            "on_ray": list(getattr(task.importance_backend, "runs", [])),  # splits computed on Ray
-        },
-        "data": {"spec": data_spec, "fingerprint": prepared.dataset.fingerprint},
-        "parent": {"fingerprint": parent.get("parent_fingerprint")},
-        "mlflow": None,
-    }
+        metrics.update(poison_outcome(original_metrics, metrics))
+    return RequestReport(
+        method=method, params=output.params, details=output.details,
+        metrics=metrics, original_metrics=original_metrics,
+        seconds={**seconds, "total": seconds["importance"] + seconds["unlearn"]},
+        forget=ForgetSummary(forget.spec, forget.kind, len(forget.ids), forget.classes,
+                             forget.manifest_hash(), task.forget_fraction),
+        importance=ImportanceSummary(task.importance_mode, task.batch_size, prepared.store_meta,
+                                     list(getattr(task.importance_backend, "runs", []))),
+        data={"spec": data_spec, "fingerprint": prepared.dataset.fingerprint},
+        seed=task.seed, removed_before=removed_before,
+        parent_fingerprint=model_meta(task.model).get("parent_fingerprint"),
+    )
 
 
-def write_run(out: str | Path, model: torch.nn.Module, report: dict, forget: ForgetSet, before_publish=None) -> Path:
+def write_run(out: str | Path, model: torch.nn.Module, report: RequestReport, forget: ForgetSet,
+              before_publish=None) -> Path:
     """The run directory: checkpoint + report.json + forget_ids.txt, all or nothing.
 
     `before_publish(staging)` runs with the files in place but not yet visible at `out` (the
-    MLflow logging); if it fails, nothing appears.
+    report page and the MLflow logging); if it fails, nothing appears.
     """
     parent = model_meta(model)
-    lineage_root = parent.get("lineage_root") or parent.get("parent_fingerprint")
     extra = {
-        "lineage_root": lineage_root,
+        "lineage_root": parent.get("lineage_root") or parent.get("parent_fingerprint"),
         "parent": parent.get("parent_fingerprint"),
         "unlearning": {
-            "method": report["method"],
-            "forget_manifest_hash": report["forget"]["manifest_hash"],
-            "forget_size": report["forget"]["size"],
+            "method": report.method,
+            "forget_manifest_hash": report.forget.manifest_hash,
+            "forget_size": report.forget.size,
         },
     }
     with atomic_directory(out) as staging:
-        report["fingerprint"] = write_model_files(model.cpu(), staging, extra)
+        report.fingerprint = write_model_files(model.cpu(), staging, extra)
         (staging / "forget_ids.txt").write_text("".join(f"{i}\n" for i in forget.ids.tolist()))
         if before_publish is not None:
-            report["mlflow"] = before_publish(staging)
-        write_json(staging / "report.json", report)
+            before_publish(staging)
+        write_json(staging / "report.json", report.to_json())
     return Path(out)
 
 
 def run_forget(
-    model_uri: str, data_spec: str, forget_spec: str, out: str, options: ForgetOptions, progress=None
-) -> dict:
+    model_uri: str, data_spec: str, forget_spec: str, out: str, options: ForgetOptions,
+    progress=None, fault_point: FaultPoint | None = None,
+) -> RequestReport:
     """One deletion request: returns the report written to `out/report.json`.
 
     `model_uri` is a checkpoint directory or `models:/NAME@current` (the registry's newest
-    version, so that requests chain).
+    version, so that requests chain). `fault_point(step)` is called after the MLflow logging
+    ("logged"); tests kill the process there.
     """
     if Path(out).exists():
         raise UserError(f"{out} already exists; choose a new output path (nothing is overwritten)")
-    search_config = None
-    if options.search:
-        from pipelines.search import load_search_config
-
-        search_config = load_search_config(options.search)
-    model_path, version, removed_before = model_uri, None, []
-    if str(model_uri).startswith("models:/"):
-        from pipelines.tracking import lineage_removed_ids, resolve_model
-
-        model_path, version = resolve_model(model_uri)
-        removed_before = lineage_removed_ids(version["name"], version["version"])
+    search_config = _search_config(options)
+    model_path, version, removed_before = _resolve(model_uri)
     prepared = prepare_request(model_path, data_spec, forget_spec, options, removed_before)
     prepared.task.progress = progress
-    trials: list[dict] = []
-    if search_config is not None:
-        from pipelines.search import run_search
-
-        started = time.perf_counter()
-        method, output, trials = run_search(prepared.task, search_config, progress)
-        total = time.perf_counter() - started
-        seconds = {"importance": prepared.task.importance_seconds, "unlearn": total - prepared.task.importance_seconds}
-    else:
-        method = options.method
-        output, seconds = run_method_timed(prepared, method, options.params)
-    report = build_report(prepared, method, output, seconds, data_spec, zrf=options.zrf)
-    report["seed"] = options.seed
-    report["removed_before"] = len(removed_before)
+    method, output, seconds, trials = _unlearn(prepared, options, search_config, progress)
+    report = build_report(prepared, method, output, seconds, data_spec, len(removed_before), options.zrf)
     if options.compare_retrain:
-        retrained, retrain_seconds = run_method_timed(prepared, "retrain", {})
-        report["retrain_metrics"] = evaluate_model(
-            retrained.model.to(prepared.task.device), prepared.dataset, prepared.forget, prepared.task.normalize
+        retrained, retrain_seconds = run_method_timed(prepared.task, "retrain", {})
+        task = prepared.task
+        report.retrain_metrics = evaluate_model(
+            retrained.model.to(task.device), prepared.dataset, prepared.forget, task.normalize
         )
-        report["retrain_seconds"] = retrain_seconds["unlearn"]
+        report.retrain_seconds = retrain_seconds["unlearn"]
     name = None
     if options.track:
         meta = model_meta(prepared.model)
         name = (version or {}).get("name") or options.model_name or f"{meta['arch']}-{prepared.dataset.name}"
 
-    def publish(staging: Path) -> dict | None:
+    def publish(staging: Path) -> None:
         files = []
         if options.plots:
-            from pipelines.report import write_report_files
+            from pipelines.report_page import write_report_files
 
             files = write_report_files(prepared.task, report, prepared.dataset.class_names, staging)
-            report["has_plots"] = True
-        if not options.track:
-            return None
-        from pipelines.faults import pause_point
-        from pipelines.tracking import log_request
+            report.has_plots = True
+        if options.track:
+            from pipelines.tracking import log_request
 
-        entry = log_request(
-            report, staging, name, model_path, unlearning.model_fingerprint(prepared.model), trials, files,
-            extra_tags={"batch_id": options.batch_tag} if options.batch_tag else None,
-        )
-        pause_point("logged")  # registered in MLflow, run directory not yet in place
-        return entry
+            report.mlflow = log_request(
+                report, staging, name, model_path, unlearning.model_fingerprint(prepared.model), trials, files,
+                extra_tags={"batch_id": options.batch_tag} if options.batch_tag else None,
+            )
+            if fault_point is not None:
+                fault_point("logged")  # registered in MLflow, run directory not yet in place
 
     write_run(out, output.model, report, prepared.forget, publish)
     return report
+
+
+def _search_config(options: ForgetOptions):
+    if not options.search:
+        return None
+    from pipelines.search import load_search_config
+
+    return load_search_config(options.search)
+
+
+def _resolve(model_uri: str) -> tuple[str, dict | None, list[int]]:
+    """(checkpoint path, registry version or None, ids removed on the way to that version)."""
+    if not str(model_uri).startswith("models:/"):
+        return model_uri, None, []
+    from pipelines.tracking import lineage_removed_ids, resolve_model
+
+    model_path, version = resolve_model(model_uri)
+    return model_path, version, lineage_removed_ids(version["name"], version["version"])
+
+
+def _unlearn(prepared: PreparedRequest, options: ForgetOptions, search_config, progress):
+    """(method name, output, seconds, trials): the method, or the search on Ray Tune."""
+    if search_config is None:
+        output, seconds = run_method_timed(prepared.task, options.method, options.params)
+        return options.method, output, seconds, []
+    from pipelines.search import run_search
+
+    task = prepared.task
+    started = time.perf_counter()
+    method, output, trials = run_search(task, search_config, progress)
+    total = time.perf_counter() - started
+    return method, output, {"importance": task.importance_seconds, "unlearn": total - task.importance_seconds}, trials
+

@@ -25,6 +25,8 @@ import torch
 from unlearning.errors import UserError
 from unlearning.methods import MethodOutput, UnlearningTask
 from unlearning.search import (
+    PTN_DEFAULTS,
+    PTNConfig,
     SearchResult,
     Step,
     first_meeting,
@@ -46,17 +48,22 @@ class SearchConfig:
     target: float | None = None  # forget-accuracy target; None = the request kind's default
     rho: float | None = None
     parallel: int | None = None  # concurrent trials; None = one per CPU (or GPU)
-    # ptn
-    growth: float = 1.1
-    max_steps: int = 500
-    start_divisor: float = 25.0  # s_0 = |D_f| / N / start_divisor (SPEC.md: 25)
-    chunk_size: int = 8
+    # ptn: the walk's settings, defaults from unlearning.search.PTNConfig
+    growth: float = PTN_DEFAULTS.growth
+    max_steps: int = PTN_DEFAULTS.max_steps
+    start_divisor: float = PTN_DEFAULTS.start_divisor
+    chunk_size: int = PTN_DEFAULTS.chunk_size
     # tpe
     num_samples: int = 50
     alpha: list = field(default_factory=lambda: [0.1, 100.0])  # log-uniform range
     lam: list = field(default_factory=lambda: [0.1, 5.0])  # uniform range
     retain_sample: int = 2000  # retained rows scored per TPE trial
     seed: int = 0
+
+    def walk(self) -> PTNConfig:
+        return PTNConfig(
+            growth=self.growth, max_steps=self.max_steps, start_divisor=self.start_divisor, chunk_size=self.chunk_size
+        )
 
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "tune_configs"
@@ -84,10 +91,10 @@ def load_search_config(path: str | Path) -> SearchConfig:
     config = SearchConfig(**data)
     if config.search not in ("ptn", "tpe"):
         raise UserError(f"search config {path}: search must be 'ptn' or 'tpe', got {config.search!r}")
-    if config.chunk_size < 1 or config.max_steps < 1 or config.growth <= 1 or not config.start_divisor > 0:
-        raise UserError(
-            f"search config {path}: chunk_size, max_steps must be >= 1, growth > 1 and start_divisor > 0"
-        )
+    try:
+        config.walk().check()
+    except UserError as error:
+        raise UserError(f"search config {path}: {error}") from None
     return config
 
 
@@ -191,9 +198,7 @@ def parallel_ptn(
     ensure_ray()
     full = task.importance(config.reference, config.importance_kind)
     forget = task.importance("forget", config.importance_kind)
-    schedule = ptn_schedule(
-        full, forget, task.forget_fraction, config.growth, config.max_steps, start_divisor=config.start_divisor
-    )
+    schedule = ptn_schedule(full, forget, task.forget_fraction, config.walk())
     n_chunks = -(-len(schedule) // config.chunk_size)
     trainable = tune.with_parameters(
         _ptn_trial,

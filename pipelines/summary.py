@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pipelines.report import RequestReport
+
 COLUMNS = [
     ("retain_acc", "retain acc"),
     ("forget_acc", "forget acc"),
@@ -32,26 +34,27 @@ def format_table(rows: list[tuple[str, dict, float | None]]) -> str:
     return "\n".join(lines)
 
 
-def print_report(report: dict, out: str) -> None:
-    params = ", ".join(f"{k}={_short(v)}" for k, v in report["params"].items() if v is not None)
-    print(f"{report['method']} ({params}) forgot {report['forget']['size']} samples [{report['forget']['spec']}]")
-    rows = [
-        ("original", report["original_metrics"], None),
-        (f"unlearned ({report['method']})", report["metrics"], report["seconds"]["total"]),
-    ]
-    if report.get("retrain_metrics"):
-        rows.append(("retrained from scratch", report["retrain_metrics"], report.get("retrain_seconds")))
-    print(format_table(rows))
-    for run in report.get("importance", {}).get("on_ray", []):
+def print_report(report: RequestReport, out: str) -> None:
+    params = ", ".join(f"{k}={_short(v)}" for k, v in report.params.items() if v is not None)
+    print(f"{report.method} ({params}) forgot {report.forget.size} samples [{report.forget.spec}]")
+    print(format_table(report_rows(report, f"unlearned ({report.method})", "retrained from scratch")))
+    for run in report.importance.on_ray:
         print(f"importance ({run['kind']}/{run['mode']}) of {run['rows']} rows ran on Ray: "
               f"{run['workers']} workers, {run['seconds']:.1f} s")
-    details = report.get("details", {})
-    if details.get("reached") is False:
+    if not report.reached:
         print("warning: the search did not reach its target; the most aggressive step was used")
-    if report.get("mlflow"):
-        entry = report["mlflow"]
-        print(f"MLflow: run {entry['run_id']}, model {entry['model_name']} version {entry['model_version']} (@current)")
-    print(f"-> {out}" + (" (report.md with plots inside)" if report.get("has_plots") else ""))
+    if report.mlflow is not None:
+        entry = report.mlflow
+        print(f"MLflow: run {entry.run_id}, model {entry.model_name} version {entry.model_version} (@current)")
+    print(f"-> {out}" + (" (report.md with plots inside)" if report.has_plots else ""))
+
+
+def report_rows(report: RequestReport, unlearned: str, retrained: str) -> list[tuple[str, dict, float | None]]:
+    """The table's rows: original, unlearned, and retrained when it was compared."""
+    rows = [("original", report.original_metrics, None), (unlearned, report.metrics, report.seconds["total"])]
+    if report.retrain_metrics:
+        rows.append((retrained, report.retrain_metrics, report.retrain_seconds))
+    return rows
 
 
 def _short(value) -> str:

@@ -17,7 +17,10 @@ import logging
 import os
 import shutil
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
+
+from pipelines.report import MlflowEntry, RequestReport
 
 EXPERIMENT = "amnesis"
 CURRENT_ALIAS = "current"
@@ -113,40 +116,41 @@ def _register_original(mlflow, client, name: str, checkpoint: str, fingerprint: 
     return version
 
 
-def flat_params(report: dict) -> dict:
+def flat_params(report: RequestReport) -> dict:
+    forget = report.forget
     params = {
-        "method": report["method"],
-        "importance_mode": report["importance"]["mode"],
-        "batch_size": report["importance"]["batch_size"],
-        "forget_spec": report["forget"]["spec"],
-        "forget_kind": report["forget"]["kind"],
-        "forget_size": report["forget"]["size"],
-        "forget_manifest_hash": report["forget"]["manifest_hash"],
-        "forget_fraction": report["forget"]["forget_fraction"],
-        "seed": report.get("seed"),
-        "data_fingerprint": report["data"]["fingerprint"],
+        "method": report.method,
+        "importance_mode": report.importance.mode,
+        "batch_size": report.importance.batch_size,
+        "forget_spec": forget.spec,
+        "forget_kind": forget.kind,
+        "forget_size": forget.size,
+        "forget_manifest_hash": forget.manifest_hash,
+        "forget_fraction": forget.forget_fraction,
+        "seed": report.seed,
+        "data_fingerprint": report.data["fingerprint"],
+        **report.params,
     }
-    for key, value in report["params"].items():
-        params[key] = value
-    step = next((p for p in report.get("details", {}).get("path", []) if p["index"] == report["params"].get("step")), None)
+    path = report.details.get("path", [])
+    step = next((p for p in path if p["index"] == report.params.get("step")), None)
     if step is not None and step.get("s") is not None:
         params["s"] = step["s"]
     return {k: ("" if v is None else v) for k, v in params.items()}
 
 
-def flat_metrics(report: dict) -> dict:
+def flat_metrics(report: RequestReport) -> dict:
     metrics = {}
-    for prefix, values in (("", report["metrics"]), ("original_", report["original_metrics"])):
+    for prefix, values in (("", report.metrics), ("original_", report.original_metrics)):
         for key, value in values.items():
             if isinstance(value, (int, float)) and value == value:  # skip NaN and lists
                 metrics[f"{prefix}{key}"] = float(value)
-    for key, value in report["seconds"].items():
+    for key, value in report.seconds.items():
         metrics[f"seconds_{key}"] = float(value)
     return metrics
 
 
 def log_request(
-    report: dict,
+    report: RequestReport,
     run_dir: str | Path,
     model_name: str,
     parent_checkpoint: str,
@@ -154,15 +158,14 @@ def log_request(
     trials: list[dict] | None = None,
     report_files: list[Path] | None = None,
     extra_tags: dict | None = None,
-) -> dict:
-    """Log one finished request and register its model; returns the `mlflow` report entry."""
+) -> MlflowEntry:
+    """Log one finished request and register its model; returns where it is recorded."""
     mlflow = _mlflow()
     client = _client()
     mlflow.set_experiment(EXPERIMENT)
     _ensure_registered(client, model_name)
     parent = _register_original(mlflow, client, model_name, parent_checkpoint, parent_fingerprint)
-    run_dir = Path(run_dir)
-    with mlflow.start_run(run_name=f"forget {report['forget']['spec']} ({report['method']})") as run:
+    with mlflow.start_run(run_name=f"forget {report.forget.spec} ({report.method})") as run:
         mlflow.set_tags({"amnesis.role": "request", "amnesis.parent_version": str(parent.version)})
         mlflow.log_params(flat_params(report))
         mlflow.log_metrics(flat_metrics(report))
@@ -170,39 +173,48 @@ def log_request(
             with mlflow.start_run(run_name=f"trial {trial['name']}", nested=True):
                 mlflow.log_params(trial["params"])
                 mlflow.log_metrics(trial["metrics"])
-        staging = Path(tempfile.mkdtemp(prefix="amnesis-log-"))
-        try:
-            checkpoint = staging / "checkpoint"
-            checkpoint.mkdir()
-            for file in ("model.safetensors", "model.json"):
-                shutil.copy2(run_dir / file, checkpoint / file)
-            mlflow.log_artifacts(str(checkpoint), artifact_path="checkpoint")
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        mlflow.log_artifact(str(run_dir / "forget_ids.txt"))
-        for plot in report_files or []:
-            mlflow.log_artifact(str(plot), artifact_path="report")
-        entry = {"run_id": run.info.run_id, "model_name": model_name, "parent_version": str(parent.version)}
+        _log_files(mlflow, Path(run_dir), report_files or [])
+        entry = MlflowEntry(run.info.run_id, model_name, str(parent.version))
         version = client.create_model_version(
             model_name,
             source=f"{run.info.artifact_uri}/checkpoint",
             run_id=run.info.run_id,
-            tags={
-                "role": "unlearned",
-                "fingerprint": report["fingerprint"],
-                "parent_version": str(parent.version),
-                "request_run_id": run.info.run_id,
-                "forget_spec": report["forget"]["spec"],
-                "forget_size": str(report["forget"]["size"]),
-                "forget_manifest_hash": report["forget"]["manifest_hash"],
-                "method": report["method"],
-                **(extra_tags or {}),
-            },
+            tags={**version_tags(report, entry), **(extra_tags or {})},
         )
         client.set_registered_model_alias(model_name, CURRENT_ALIAS, version.version)
-        entry["model_version"] = str(version.version)
-        mlflow.log_text(json.dumps({**report, "mlflow": entry}, indent=2), "report.json")
+        entry.model_version = str(version.version)
+        mlflow.log_text(json.dumps({**report.to_json(), "mlflow": asdict(entry)}, indent=2), "report.json")
     return entry
+
+
+def version_tags(report: RequestReport, entry: MlflowEntry) -> dict:
+    """The registered version's lineage tags: its parent, its run, what it removed."""
+    return {
+        "role": "unlearned",
+        "fingerprint": report.fingerprint,
+        "parent_version": entry.parent_version,
+        "request_run_id": entry.run_id,
+        "forget_spec": report.forget.spec,
+        "forget_size": str(report.forget.size),
+        "forget_manifest_hash": report.forget.manifest_hash,
+        "method": report.method,
+    }
+
+
+def _log_files(mlflow, run_dir: Path, report_files: list[Path]) -> None:
+    """The checkpoint (as `checkpoint/`), the forget manifest and the report page."""
+    staging = Path(tempfile.mkdtemp(prefix="amnesis-log-"))
+    try:
+        checkpoint = staging / "checkpoint"
+        checkpoint.mkdir()
+        for file in ("model.safetensors", "model.json"):
+            shutil.copy2(run_dir / file, checkpoint / file)
+        mlflow.log_artifacts(str(checkpoint), artifact_path="checkpoint")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    mlflow.log_artifact(str(run_dir / "forget_ids.txt"))
+    for plot in report_files:
+        mlflow.log_artifact(str(plot), artifact_path="report")
 
 
 def history(model_name: str) -> list[dict]:

@@ -1,11 +1,19 @@
-"""Shared fixtures: one small trained digits model per test session (a few seconds on CPU)."""
+"""Shared fixtures: one small trained digits model per test session (a few seconds on CPU),
+small data sets of every source kind, and the guard that keeps Ray out of unmarked tests."""
 
 from __future__ import annotations
 
+import io
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
+from PIL import Image
 
 import unlearning
+from unlearning.checkpoint import model_meta
 from unlearning.training import DEFAULT_RECIPES, train
 
 
@@ -20,7 +28,7 @@ def digits_model(digits):
     torch.manual_seed(0)
     normalize = digits.normalization()
     model = unlearning.new_model("small_cnn", 10, digits.input_shape, normalize, seed=0)
-    model.amnesis_meta["train_config"] = DEFAULT_RECIPES["small_cnn"].to_dict()
+    model_meta(model)["train_config"] = DEFAULT_RECIPES["small_cnn"].to_dict()
     train(model, digits.train, DEFAULT_RECIPES["small_cnn"], normalize)
     return model
 
@@ -54,3 +62,88 @@ def isolated_mlflow(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # artifacts of a sqlite store land under ./mlruns
     yield
     mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture(autouse=True)
+def no_ray_unless_marked(request, monkeypatch):
+    """A test that starts Ray must be in a module marked `ray` (so `-m "not ray"` starts none)."""
+    if request.node.get_closest_marker("ray") is not None:
+        return
+    try:
+        import ray
+    except ImportError:
+        return
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"{request.node.nodeid} starts Ray but is not marked `ray`")
+
+    monkeypatch.setattr(ray, "init", refuse)
+
+
+# ---------------------------------------------------------------- small data sets of every kind
+
+
+def png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, mode="RGB").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def image_table(n: int, seed: int) -> pa.Table:
+    """n rows of random 3x8x8 PNGs with ids 1000*seed + i and labels 0..9."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, size=(n, 8, 8, 3), dtype=np.uint8)
+    return pa.table(
+        {
+            "id": pa.array(np.arange(n, dtype=np.int64) + 1000 * seed),
+            "label": pa.array(rng.integers(0, 10, size=n).astype(np.int64)),
+            "image": pa.array([png(image) for image in images], type=pa.binary()),
+        }
+    )
+
+
+@pytest.fixture(scope="session")
+def parquet_file(tmp_path_factory):
+    """200 rows of 3x8x8 PNGs in row groups of 50; its training split is 160 rows."""
+    path = tmp_path_factory.mktemp("parquet") / "images.parquet"
+    pq.write_table(image_table(200, seed=0), path, row_group_size=50)
+    return path
+
+
+@pytest.fixture(scope="session")
+def parquet_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("parquet-dir")
+    pq.write_table(image_table(120, seed=1), path / "train.parquet", row_group_size=40)
+    pq.write_table(image_table(30, seed=2), path / "test.parquet")
+    return path
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("folder")
+    rng = np.random.default_rng(3)
+    for label in ("cat", "dog"):
+        (path / label).mkdir()
+        for i in range(6):
+            (path / label / f"{i}.png").write_bytes(png(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)))
+    return path
+
+
+PARQUET_NORMALIZE = {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]}
+
+
+@pytest.fixture(scope="session")
+def untrained_digits_checkpoint(tmp_path_factory):
+    digits = unlearning.load_dataset("digits")
+    model = unlearning.new_model("small_cnn", 10, digits.input_shape, digits.normalization(), seed=0)
+    path = tmp_path_factory.mktemp("models") / "digits-cnn-untrained"
+    unlearning.save_model(model, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def parquet_checkpoint(tmp_path_factory):
+    model = unlearning.new_model("small_cnn", 10, (3, 8, 8), PARQUET_NORMALIZE, seed=0)
+    path = tmp_path_factory.mktemp("models") / "parquet-cnn"
+    unlearning.save_model(model, path)
+    return path

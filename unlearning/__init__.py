@@ -7,6 +7,7 @@ from unlearning.checkpoint import (
     load_importance,
     load_model,
     model_fingerprint,
+    model_meta,
     new_model,
     save_importance,
     save_model,
@@ -16,13 +17,14 @@ from unlearning.data import Dataset, ForgetSet, Split, load_dataset, parse_forge
 from unlearning.errors import UserError
 from unlearning.importance import ImportanceSums, compute_importance, compute_importance_sums
 from unlearning.methods import METHODS, MethodOutput, UnlearningTask, get_method, run_method
-from unlearning.search import Step, ptn_schedule, sequential_search
+from unlearning.search import PTNConfig, Step, ptn_schedule, sequential_search
 
 __all__ = [
     "METHODS",
     "Dataset",
     "ForgetSet",
     "ImportanceSums",
+    "PTNConfig",
     "MethodOutput",
     "Split",
     "Step",
@@ -37,6 +39,7 @@ __all__ = [
     "load_importance",
     "load_model",
     "model_fingerprint",
+    "model_meta",
     "new_model",
     "parse_forget",
     "percentile",

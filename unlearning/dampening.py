@@ -1,4 +1,5 @@
-"""Selective Synaptic Dampening and its adaptive threshold (SPEC.md sections 2 and 4).
+"""Selective Synaptic Dampening and its adaptive threshold (docs/methods.md#dampening,
+#adaptive-alpha).
 
 select theta_i  iff  I^f_i > alpha * I^D_i            (strict)
 beta_i = min(lambda * I^D_i / I^f_i, 1);  theta_i <- beta_i * theta_i for selected i

@@ -2,7 +2,7 @@
 
 retain_acc / forget_acc are on the training rows of D_r / D_f; test_acc on the test split.
 For a class (or sub-class) request, test_forget_acc / test_retain_acc are the test images of
-the forgotten / retained classes (SPEC.md section 9's task definitions). MIA follows SPEC.md
+the forgotten / retained classes (docs/methods.md#accuracies). MIA follows docs/methods.md
 section 9; poison tasks add attack_success_rate and poisoned_clean_acc.
 """
 

@@ -1,4 +1,4 @@
-"""Parameter importance: the diagonal Fisher and its label-free cousins (SPEC.md section 1).
+"""Parameter importance: the diagonal Fisher and its label-free cousins (docs/methods.md#importance).
 
 Importance is carried as a sum plus a count (`ImportanceSums`) so that partial results from
 shards, workers or halves of a data set combine exactly by addition; the mean is taken only
@@ -159,12 +159,7 @@ def _per_sample_step(model, kind, inputs, labels, result, chunk) -> None:
     result.count += len(inputs)
 
 
-def compute_importance(
-    model: nn.Module,
-    batches: Iterable[tuple[Tensor, Tensor]],
-    kind: str = "fisher",
-    mode: str = "batch",
-    device: torch.device | str | None = None,
-) -> dict[str, Tensor]:
+def compute_importance(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], kind: str = "fisher",
+                       mode: str = "batch", device: torch.device | str | None = None) -> dict[str, Tensor]:
     """Importance of every trainable parameter over `batches`: {parameter name: tensor}."""
     return compute_importance_sums(model, batches, kind=kind, mode=mode, device=device).mean()

@@ -1,4 +1,4 @@
-"""Evaluation (SPEC.md section 9): per-sample accuracy, MIA, ZRF, attack success, healed %.
+"""Evaluation (docs/methods.md#metrics): per-sample accuracy, MIA, ZRF, attack success, healed %.
 
 Accuracies are true per-sample fractions (the reference code averages per-batch accuracies).
 """

@@ -1,9 +1,9 @@
-"""The PTN-style search (SPEC.md section 5, generalised) over cached importances.
+"""The PTN-style search (docs/methods.md#ptn-search) over cached importances.
 
 The schedule walks from the least aggressive dampening towards more aggressive ones:
 
 1. alpha phase (lambda = 1): s_k = s_0 * growth^k with s_0 = |D_f| / N / start_divisor
-   (25 in SPEC.md; a larger divisor starts gentler, for models where s_0 already overshoots),
+   (25 by default, PTNConfig; a larger divisor starts gentler, for models where s_0 already overshoots),
    p_k = 100 - ln(1 + 100 s_k), alpha_k = percentile_{p_k}(I^f / I^D), while alpha_k > 1
    (every alpha <= lambda = 1 dampens exactly what alpha = 1 dampens) and k < max_steps;
 2. lambda phase (alpha = 1): lambda_j = growth^-j down to `min_lambda`, for requests that
@@ -64,23 +64,51 @@ def percentile_of_sorted(sorted_values: Tensor, q: float) -> float:
     return lerp(float(sorted_values[lower]), float(sorted_values[upper]), position - lower)
 
 
+@dataclass(frozen=True)
+class PTNConfig:
+    """The PTN walk's settings: the one place their defaults live.
+
+    Read by the `ptn` and `potion_ptn` methods, by the parallel walk on Ray Tune
+    (pipelines/search.py) and by tune_configs/*.yaml, which only override them.
+    """
+
+    growth: float = 1.1  # s_{k+1} = growth * s_k; then lambda and alpha shrink by it
+    max_steps: int = 500  # alpha-phase steps at most
+    start_divisor: float = 25.0  # s_0 = |D_f| / N / start_divisor; larger starts gentler
+    min_lambda: float = 1e-3  # where the lambda and threshold phases stop
+    chunk_size: int = 8  # consecutive steps per Tune trial (the parallel walk only)
+    poison_rho: float = 0.1  # poison requests' default rho (the paper sweeps 0 ... 0.75)
+
+    def check(self) -> PTNConfig:
+        """This config, or a UserError naming the first bad setting."""
+        if not (math.isfinite(self.start_divisor) and self.start_divisor > 0):
+            raise UserError(f"start_divisor must be a finite number > 0, got {self.start_divisor}")
+        if not (math.isfinite(self.growth) and self.growth > 1):
+            raise UserError(f"growth must be a finite number > 1, got {self.growth}")
+        if self.max_steps < 1 or self.chunk_size < 1:
+            raise UserError(f"max_steps and chunk_size must be >= 1, got {self.max_steps} and {self.chunk_size}")
+        if not 0 < self.min_lambda < 1:
+            raise UserError(f"min_lambda must be in (0, 1), got {self.min_lambda}")
+        return self
+
+
+PTN_DEFAULTS = PTNConfig()
+
+
 def ptn_schedule(
     full_importance: dict[str, Tensor],
     forget_importance: dict[str, Tensor],
     forget_fraction: float,
-    growth: float = 1.1,
-    max_steps: int = 500,
-    min_lambda: float = 1e-3,
+    config: PTNConfig = PTN_DEFAULTS,
     lambda_phase: bool = True,
-    start_divisor: float = 25.0,
 ) -> list[Step]:
+    config.check()
     ratios = importance_ratios(full_importance, forget_importance)
     if ratios.numel() == 0:
         raise UserError("no finite importance ratios: the forget-set importance is all zero")
     sorted_ratios = torch.sort(ratios).values
     adaptive_percentile(forget_fraction)  # validates the fraction
-    if not (math.isfinite(start_divisor) and start_divisor > 0):
-        raise UserError(f"start_divisor must be a finite number > 0, got {start_divisor}")
+    growth, min_lambda = config.growth, config.min_lambda
     steps: list[Step] = []
     seen: set[tuple[float, float]] = set()
 
@@ -89,8 +117,8 @@ def ptn_schedule(
             seen.add((alpha, lam))
             steps.append(Step(len(steps), alpha, lam, s, p))
 
-    s = forget_fraction / start_divisor
-    for _ in range(max_steps):
+    s = forget_fraction / config.start_divisor
+    for _ in range(config.max_steps):
         p = max(0.0, 100.0 - math.log(1.0 + 100.0 * s))
         alpha = percentile_of_sorted(sorted_ratios, p)
         if alpha <= 1.0:
@@ -149,7 +177,7 @@ def forget_target(
     original_forget_acc: float | None = None,
     rho: float | None = None,
 ) -> float:
-    """What retraining would give, per kind of request (issue 2 / SPEC.md section 5).
+    """What retraining would give, per kind of request (docs/methods.md#forget-targets).
 
     whole class -> near 0 (CLASS_TARGET); random samples and sub-classes -> the model's
     accuracy on data it never saw (its test accuracy on the forget set's class mix, fine
@@ -168,11 +196,10 @@ def forget_target(
 
 
 CLASS_TARGET = 0.01
-POISON_RHO = 0.1  # default rho for poison requests (the paper sweeps 0 ... 0.75)
 
 
 def request_rho(request_kind: str, rho: float | None) -> float | None:
-    """The rho a request uses: the given one, else POISON_RHO for poison requests."""
+    """The rho a request uses: the given one, else PTNConfig.poison_rho for poison requests."""
     if rho is None and request_kind == "poison":
-        return POISON_RHO
+        return PTN_DEFAULTS.poison_rho
     return rho

@@ -11,7 +11,7 @@ import yaml
 
 from pipelines.cli import build_parser
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "cluster"
 CRON = re.compile(r"^(\S+\s+){4}\S+$")
 RUNTIME_ENV_KEYS = {"working_dir", "py_modules", "pip", "uv", "conda", "env_vars", "excludes", "container", "image_uri", "config"}

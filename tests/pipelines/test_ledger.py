@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
@@ -17,6 +17,7 @@ from pipelines.tracking import lineage_removed_ids
 
 MODEL = "ledger-model"
 FAST = ["--method", "ssd"]  # fixed alpha/lambda: the ledger logic is what is under test
+PAUSED = Path(__file__).resolve().parent / "paused_process.py"
 
 
 def process_command(ledger_url, checkpoint, out_root):
@@ -25,10 +26,11 @@ def process_command(ledger_url, checkpoint, out_root):
             "--out-root", str(out_root), *FAST]
 
 
-def start_paused(command, step, tmp_path):
+def start_paused(ledger_url, checkpoint, out_root, step, tmp_path):
+    """`process_pending` in a child process, stopped at `step` (see paused_process.py)."""
     marker = tmp_path / f"paused-{step}"
-    env = {**os.environ, "AMNESIS_TEST_PAUSE_AT": step, "AMNESIS_TEST_MARKER": str(marker)}
-    child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    command = [sys.executable, str(PAUSED), ledger_url, str(checkpoint), str(out_root), MODEL, step, str(marker)]
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while not marker.exists():
         if child.poll() is not None:
@@ -57,7 +59,7 @@ def test_process_killed_at_any_step_then_rerun_applies_each_request_exactly_once
     ledger.add(first, requester="a", reason="art. 17")
     ledger.add(second, requester="b", reason="art. 17")
 
-    child = start_paused(process_command(url, digits_checkpoint, tmp_path / "runs"), step, tmp_path)
+    child = start_paused(url, digits_checkpoint, tmp_path / "runs", step, tmp_path)
     child.send_signal(signal.SIGKILL)
     child.wait(timeout=30)
     assert child.returncode == -signal.SIGKILL
@@ -84,7 +86,7 @@ def test_a_second_process_does_not_take_requests_that_are_being_processed(tmp_pa
     url = f"sqlite:///{tmp_path / 'ledger.db'}"
     ledger = Ledger(url)
     ledger.add(digits_train_ids(digits, 4))
-    child = start_paused(process_command(url, digits_checkpoint, tmp_path / "runs"), "unlearning", tmp_path)
+    child = start_paused(url, digits_checkpoint, tmp_path / "runs", "unlearning", tmp_path)
     try:
         with pytest.raises(Busy, match="being processed"):
             process_pending(ledger, MODEL, "digits", tmp_path / "runs", str(digits_checkpoint))

@@ -20,6 +20,8 @@ from mlflow import MlflowClient
 
 BIN = Path(sys.executable).parent
 
+pytestmark = pytest.mark.ray
+
 
 def free_port() -> int:
     with socket.socket() as sock:

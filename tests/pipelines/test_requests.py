@@ -19,7 +19,9 @@ from pipelines.request import ForgetOptions, prepare_request
 from pipelines.search import SearchConfig, parallel_ptn, search_target
 from unlearning.search import ptn_schedule, sequential_search
 
-PTN_CONFIG = Path(__file__).resolve().parent.parent / "tune_configs" / "ptn.yaml"
+PTN_CONFIG = Path(__file__).resolve().parents[2] / "tune_configs" / "ptn.yaml"
+
+pytestmark = pytest.mark.ray
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
-from conftest import assert_state_equal
 
 import unlearning
+from tests.conftest import assert_state_equal
 from unlearning.checkpoint import MODEL_META, MODEL_WEIGHTS
 
 

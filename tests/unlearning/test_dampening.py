@@ -1,4 +1,4 @@
-"""The SSD update and the adaptive alpha (SPEC.md sections 2 and 4), by hand and vs numpy."""
+"""The SSD update and the adaptive alpha (docs/methods.md#dampening), by hand and vs numpy."""
 
 from __future__ import annotations
 

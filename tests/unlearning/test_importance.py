@@ -1,13 +1,13 @@
-"""Importance (SPEC.md section 1) checked against values computed by hand."""
+"""Importance (docs/methods.md#importance) checked against values computed by hand."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_state_equal, state_copy
 from torch import nn
 
 import unlearning
+from tests.conftest import assert_state_equal, state_copy
 from unlearning.importance import compute_importance_sums
 
 

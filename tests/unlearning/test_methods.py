@@ -7,26 +7,27 @@ import random
 
 import pytest
 import torch
-from conftest import assert_state_equal, state_copy
 
 import unlearning
+from tests.conftest import assert_state_equal, state_copy
+from unlearning.checkpoint import model_meta
 from unlearning.data import split_forget
 from unlearning.metrics import accuracy
-from unlearning.search import first_meeting, ptn_schedule, sequential_search
+from unlearning.search import PTNConfig, first_meeting, ptn_schedule, sequential_search
 from unlearning.training import TrainConfig
 
 
 def make_task(digits, model, spec, **kwargs):
     forget = unlearning.parse_forget(spec, digits)
     retain_split, forget_split = split_forget(digits, forget)
-    defaults = dict(train_config=TrainConfig(**model.amnesis_meta["train_config"]))
+    defaults = dict(train_config=TrainConfig(**model_meta(model)["train_config"]))
     return unlearning.UnlearningTask(
-        model, digits, forget, retain_split, forget_split, model.amnesis_meta["normalize"], **{**defaults, **kwargs}
+        model, digits, forget, retain_split, forget_split, model_meta(model)["normalize"], **{**defaults, **kwargs}
     )
 
 
 def class_accuracies(model, digits, forgotten: int) -> tuple[float, float]:
-    norm = model.amnesis_meta["normalize"]
+    norm = model_meta(model)["normalize"]
     in_class = digits.test.labels == forgotten
     return (
         accuracy(model, digits.test.where(in_class), norm),
@@ -81,7 +82,7 @@ def test_retrain_gives_the_reference_row(digits, digits_model):
 def test_random_forgetting_target_is_the_test_accuracy_of_the_forget_class_mix(digits, digits_model):
     task = make_task(digits, digits_model, "random:40")
     output = unlearning.run_method("ptn", task)
-    norm = digits_model.amnesis_meta["normalize"]
+    norm = model_meta(digits_model)["normalize"]
     labels = task.forget_split.labels.tolist()
     per_class = [accuracy(digits_model, digits.test.where(digits.test.labels == k), norm) for k in range(10)]
     expected = sum(per_class[k] for k in labels) / len(labels)
@@ -117,18 +118,18 @@ def test_a_larger_start_divisor_starts_gentler_and_bad_ones_are_refused(digits, 
     task = make_task(digits, digits_model, "class:3")
     full, forget = task.importance("full", "fisher"), task.importance("forget", "fisher")
     spec = ptn_schedule(full, forget, task.forget_fraction)
-    gentle = ptn_schedule(full, forget, task.forget_fraction, start_divisor=250)
+    gentle = ptn_schedule(full, forget, task.forget_fraction, PTNConfig(start_divisor=250))
     assert gentle[0].s == pytest.approx(task.forget_fraction / 250)
     assert gentle[0].alpha > spec[0].alpha  # a higher threshold dampens fewer parameters
-    # ~24 more alpha steps (1.1^24 ~ 10) lead up to where the SPEC schedule starts
+    # ~24 more alpha steps (1.1^24 ~ 10) lead up to where the default schedule starts
     spec_alphas = [s.alpha for s in spec if s.s is not None]
     gentle_alphas = [s.alpha for s in gentle if s.s is not None]
     assert len(gentle_alphas) - len(spec_alphas) in (24, 25)
     assert gentle_alphas[-1] > 1.0 and spec_alphas[-1] > 1.0
     for bad in (0, -1, float("nan"), float("inf")):
         with pytest.raises(unlearning.UserError, match="start_divisor must be a finite number > 0"):
-            ptn_schedule(full, forget, task.forget_fraction, start_divisor=bad)
-    assert unlearning.get_method("ptn").defaults["start_divisor"] == 25.0  # SPEC.md section 5
+            ptn_schedule(full, forget, task.forget_fraction, PTNConfig(start_divisor=bad))
+    assert unlearning.get_method("ptn").defaults["start_divisor"] == 25.0  # docs/methods.md#ptn-search
 
 
 def test_steps_evaluated_in_any_order_give_the_sequential_answer(digits, digits_model):
@@ -165,7 +166,7 @@ def test_unknown_method_and_parameter_are_refused(digits, digits_model):
 
 
 def test_potion_ptn_heals_a_partly_identified_poison_where_retraining_cannot():
-    """SPEC.md section 6 on digits: 1 % poisoned, 20 % of it identified (seeded)."""
+    """The poison task (docs/methods.md#poison) on digits: 1 % poisoned, 20 % of it identified (seeded)."""
     from unlearning.metrics import attack_success_rate, healed_fraction
     from unlearning.training import DEFAULT_RECIPES, train
 
@@ -173,7 +174,7 @@ def test_potion_ptn_heals_a_partly_identified_poison_where_retraining_cannot():
     poison = dataset.poison
     normalize = dataset.normalization()
     model = unlearning.new_model("small_cnn", 10, dataset.input_shape, normalize, seed=0)
-    model.amnesis_meta["train_config"] = DEFAULT_RECIPES["small_cnn"].to_dict()
+    model_meta(model)["train_config"] = DEFAULT_RECIPES["small_cnn"].to_dict()
     train(model, dataset.train, DEFAULT_RECIPES["small_cnn"], normalize)
     asr_before = attack_success_rate(model, poison.triggered_test, 0, normalize)
     assert asr_before > 0.9  # the trigger works
@@ -209,7 +210,7 @@ def test_subclass_target_is_the_accuracy_on_unseen_images_of_that_fine_class():
     dataset = unlearning.load_dataset("digits+coarse:0,1,2,3,4/5,6,7,8,9")
     normalize = dataset.normalization()
     model = unlearning.new_model("small_cnn", 2, dataset.input_shape, normalize, seed=0)
-    model.amnesis_meta["train_config"] = TrainConfig(epochs=5).to_dict()
+    model_meta(model)["train_config"] = TrainConfig(epochs=5).to_dict()
     train(model, dataset.train, TrainConfig(epochs=5), normalize)
     task = make_task(dataset, model, "subclass:7")
     unseen_sevens = dataset.test.where(dataset.test.fine_labels == 7)
@@ -233,11 +234,11 @@ def test_membership_inference_of_a_diverged_model_is_nan_not_a_crash():
 def test_jit_flattens_the_model_around_the_forget_samples_and_picks_defaults_by_architecture(digits, digits_model):
     from unlearning.methods.jit import jit_defaults, lipschitz_ratio
 
-    assert jit_defaults("vit_b_16", "class") == (0.8, 1.5)  # SPEC.md section 7
+    assert jit_defaults("vit_b_16", "class") == (0.8, 1.5)  # docs/methods.md#jit
     assert jit_defaults("vit_b_16", "ids") == (0.5, 0.1)
     assert jit_defaults("small_cnn", "class") == (0.5, 3e-4)  # the authors' CNN setting
     task = make_task(digits, digits_model, "class:3")
-    norm = digits_model.amnesis_meta["normalize"]
+    norm = model_meta(digits_model)["normalize"]
     inputs = unlearning.data.normalize_batch(task.forget_split.inputs, norm)
     noisy = inputs + 0.5 * torch.randn(inputs.shape, generator=torch.Generator().manual_seed(7))
     noisy = noisy.clamp(inputs.min(), inputs.max())

@@ -1,186 +1,22 @@
 """Unlearning methods, found by name.
 
-A method is a function `fn(task: UnlearningTask, **params) -> MethodOutput`, registered with
-`@register_method("name", **defaults)`. Adding one is one file here plus its registration
-(see docs/adding-a-method.md). The input model is never modified.
+- `registry`: `register_method`, `get_method`, `run_method`, `MethodOutput`, `METHODS`.
+- `task`: `UnlearningTask`, what a method gets for one deletion request.
+- one module per family: `ssd_family` (SSD, LFSSD, ASSD, Potion, PTN), `jit`, `baselines`.
+
+The input model is never modified. Adding a method: docs/adding-a-method.md.
 """
 
-from __future__ import annotations
-
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-
-import torch
-from torch import Tensor, nn
-
-from unlearning.data import Dataset, ForgetSet, Split
-from unlearning.errors import UserError
-from unlearning.importance import ImportanceSums, compute_importance_sums
-from unlearning.metrics import accuracy, predict_logits
-from unlearning.training import TrainConfig
-
-
-@dataclass
-class MethodOutput:
-    model: nn.Module
-    params: dict  # the parameters actually used (e.g. the alpha a search chose)
-    details: dict = field(default_factory=dict)  # e.g. the search path
-
-
-@dataclass
-class UnlearningTask:
-    """Everything a method may use for one deletion request.
-
-    `full_importance` is I^D from an importance store when there is one; otherwise it is
-    computed over the training split on first use. Importances are cached by (which, kind).
-    """
-
-    model: nn.Module
-    dataset: Dataset
-    forget: ForgetSet
-    retain_split: Split
-    forget_split: Split
-    normalize: dict | None
-    importance_mode: str = "per_sample"
-    batch_size: int = 64
-    shuffle_batches: bool = False  # batch mode: the papers' unshuffled reference order
-    seed: int = 0
-    device: str = "cpu"
-    train_config: TrainConfig | None = None
-    full_importance: dict[str, Tensor] | None = None
-    full_importance_kind: str | None = None
-    full_importance_mode: str | None = None
-    rho: float | None = None  # poison requests: target = rho * original forget accuracy
-    progress: Callable[[dict], None] | None = None  # gets {"step", "forget_acc"} per search step
-    # Optional place to compute an importance elsewhere (e.g. on a Ray cluster):
-    # (split, kind, mode, batch_size, shuffled) -> ImportanceSums, or None to compute it here.
-    importance_backend: Callable[[Split, str, str, int, bool], ImportanceSums | None] | None = None
-    cache: dict = field(default_factory=dict)
-    importance_seconds: float = 0.0  # time spent computing importances (reported apart)
-
-    @property
-    def forget_fraction(self) -> float:
-        return len(self.forget_split) / (len(self.forget_split) + len(self.retain_split))
-
-    def batches(self, split: Split):
-        return split.batches(
-            self.batch_size, shuffle=self.shuffle_batches, seed=self.seed, normalize=self.normalize
-        )
-
-    def importance(self, which: str, kind: str) -> dict[str, Tensor]:
-        """I over `which` in {"full", "retain", "forget"} of importance kind `kind`, cached."""
-        key = (which, kind)
-        if key in self.cache:
-            return self.cache[key]
-        started = time.perf_counter()
-        if which == "full" and self.full_importance is not None and self.full_importance_kind == kind:
-            result = self.full_importance
-        elif which == "retain" and self._store_gives_retain(kind):
-            result = self._retain_from_full(kind)
-        else:
-            split = {
-                "full": self.dataset.train,
-                "retain": self.retain_split,
-                "forget": self.forget_split,
-            }[which]
-            sums = None
-            if self.importance_backend is not None:
-                sums = self.importance_backend(split, kind, self.importance_mode, self.batch_size, self.shuffle_batches)
-            if sums is None:
-                sums = compute_importance_sums(
-                    self.model, self.batches(split), kind=kind, mode=self.importance_mode, device=self.device
-                )
-            result = sums.mean()
-        self.cache[key] = result
-        if which != "retain" or not self._store_gives_retain(kind):
-            self.importance_seconds += time.perf_counter() - started
-        return result
-
-    def _store_gives_retain(self, kind: str) -> bool:
-        """Only per-sample importances split exactly into retained + forgotten parts."""
-        return (
-            self.full_importance is not None
-            and self.full_importance_kind == kind
-            and self.importance_mode == "per_sample"
-            and self.full_importance_mode in (None, "per_sample")
-        )
-
-    def _retain_from_full(self, kind: str) -> dict[str, Tensor]:
-        """I^{D_r} from a stored I^D: exact in per_sample mode, (N I^D - N_f I^f) / N_r."""
-        n_forget, n_retain = len(self.forget_split), len(self.retain_split)
-        forget = self.importance("forget", kind)
-        return {
-            name: ((full * (n_forget + n_retain) - forget[name] * n_forget) / n_retain).clamp_min(0)
-            for name, full in self.full_importance.items()
-        }
-
-    def original_accuracy(self, which: str) -> float:
-        """The original model's accuracy on D_f ("forget"), or on unseen data ("test").
-
-        "test" is weighted to the forget set's class mix: the mean over forget samples of the
-        test accuracy of their class, i.e. what the model scores on unseen samples like them.
-        For a sub-class request the "class" is the fine class.
-        """
-        key = ("accuracy", which)
-        if key not in self.cache:
-            if which == "forget":
-                self.cache[key] = accuracy(self.model, self.forget_split, self.normalize)
-            else:
-                test = self.dataset.test
-                logits = predict_logits(self.model, test, self.normalize)
-                correct = (logits.argmax(dim=1) == test.labels).double()
-                fine = self.forget.kind == "subclass" and test.fine_labels is not None
-                groups_test = test.fine_labels if fine else test.labels
-                groups_forget = self.forget_split.fine_labels if fine else self.forget_split.labels
-                size = int(max(groups_test.max(), groups_forget.max())) + 1
-                per_class = torch.full((size,), float("nan"), dtype=torch.float64)
-                for k in torch.unique(groups_test).tolist():
-                    per_class[k] = correct[groups_test == k].mean()
-                mix = per_class[groups_forget]
-                self.cache[key] = float(mix[~torch.isnan(mix)].mean())
-        return self.cache[key]
-
-    def forget_accuracy(self, model: nn.Module) -> float:
-        return accuracy(model, self.forget_split, self.normalize)
-
-
-@dataclass
-class Method:
-    name: str
-    fn: Callable[..., MethodOutput]
-    defaults: dict
-    summary: str
-
-
-METHODS: dict[str, Method] = {}
-
-
-def register_method(name: str, **defaults):
-    def decorator(fn):
-        summary = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
-        METHODS[name] = Method(name, fn, defaults, summary)
-        return fn
-
-    return decorator
-
-
-def get_method(name: str) -> Method:
-    if name not in METHODS:
-        raise UserError(f"unknown method {name!r}; known: {', '.join(sorted(METHODS))}")
-    return METHODS[name]
-
-
-def run_method(name: str, task: UnlearningTask, **params) -> MethodOutput:
-    method = get_method(name)
-    unknown = sorted(set(params) - set(method.defaults))
-    if unknown:
-        raise UserError(f"method {name!r} has no parameter {unknown[0]!r}; it takes {sorted(method.defaults)}")
-    merged = {**method.defaults, **{k: v for k, v in params.items() if v is not None}}
-    with torch.random.fork_rng():
-        torch.manual_seed(task.seed)
-        return method.fn(task, **merged)
-
-
 # Registration happens on import of each method module.
-from unlearning.methods import baselines, jit, ssd_family  # noqa: E402,F401
+from unlearning.methods import baselines, jit, ssd_family  # noqa: E402,F401,I001
+from unlearning.methods.registry import (
+    METHODS,
+    Method,
+    MethodOutput,
+    get_method,
+    register_method,
+    run_method,
+)
+from unlearning.methods.task import UnlearningTask
+
+__all__ = ["METHODS", "Method", "MethodOutput", "UnlearningTask", "get_method", "register_method", "run_method"]

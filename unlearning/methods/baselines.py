@@ -1,4 +1,4 @@
-"""The baselines of the SSD paper's comparisons (SPEC.md section 8)."""
+"""The baselines of the SSD paper's comparisons (docs/methods.md#baselines)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from unlearning.checkpoint import model_meta, new_model
 from unlearning.data import Split
 from unlearning.errors import UserError
-from unlearning.methods import MethodOutput, UnlearningTask, register_method
+from unlearning.methods.registry import MethodOutput, register_method
+from unlearning.methods.task import UnlearningTask
 from unlearning.training import TrainConfig, train
 
 

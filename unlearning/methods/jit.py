@@ -1,4 +1,4 @@
-"""JiT: zero-shot unlearning by Lipschitz smoothing around the forget samples (SPEC.md s.7)."""
+"""JiT: zero-shot unlearning by Lipschitz smoothing around the forget samples (docs/methods.md#jit)."""
 
 from __future__ import annotations
 
@@ -7,23 +7,25 @@ import copy
 import torch
 
 from unlearning.checkpoint import model_meta
-from unlearning.methods import MethodOutput, UnlearningTask, register_method
+from unlearning.methods.registry import MethodOutput, register_method
+from unlearning.methods.task import UnlearningTask
 
-# (sigma, lr) per request kind. SPEC.md section 7 gives the ViT values. For convolutional
+# (sigma, lr) per request kind. The JiT paper gives the ViT values. For convolutional
 # networks we take the JiT authors' own CNN settings (their VGG runs): at the ViT step sizes
-# a BatchNorm CNN diverges to NaN weights (RESULTS.md, implementation-notes).
+# a BatchNorm CNN diverges to NaN weights (benchmarks/HISTORY.md). On the full-scale
+# resnet_small even these diverge (benchmarks/RESULTS.md, "JiT's step size"; docs/implementation-notes.md).
 JIT_DEFAULTS_VIT = {"class": (0.8, 1.5), "subclass": (1.5, 0.5), "random": (0.5, 0.1)}
 JIT_DEFAULTS_CNN = {"class": (0.5, 3e-4), "subclass": (0.01, 3e-4), "random": (0.01, 3e-4)}
 
 
 def jit_defaults(arch: str, kind: str) -> tuple[float, float]:
-    """SPEC.md's ViT defaults for ViTs, the authors' CNN ones otherwise; `ids` is `random`."""
+    """The paper's ViT defaults for ViTs, the authors' CNN ones otherwise; `ids` is `random`."""
     table = JIT_DEFAULTS_VIT if arch.startswith("vit") else JIT_DEFAULTS_CNN
     return table.get(kind, table["random"])
 
 
 def lipschitz_ratio(outputs: torch.Tensor, noisy_outputs: torch.Tensor, inputs: torch.Tensor, noisy: torch.Tensor):
-    """Per sample ||f(x) - f(x~)|| / ||x - x~|| (SPEC.md section 7)."""
+    """Per sample ||f(x) - f(x~)|| / ||x - x~|| (docs/methods.md#jit)."""
     output_change = (outputs - noisy_outputs).flatten(1).norm(dim=1)
     input_change = (inputs - noisy).flatten(1).norm(dim=1).clamp_min(1e-12)
     return output_change / input_change
@@ -36,7 +38,7 @@ def jit_method(task: UnlearningTask, sigma: float | None, lr: float | None, copi
     sigma = default_sigma if sigma is None else sigma
     lr = default_lr if lr is None else lr
     model = copy.deepcopy(task.model).to(task.device)
-    model.eval()  # BatchNorm keeps its running statistics, as in every other method here
+    model.eval()  # BatchNorm keeps its running statistics, as in the importance passes
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.0)
     generator = torch.Generator(device=task.device).manual_seed(task.seed)
     for inputs, _ in task.batches(task.forget_split):

@@ -1,11 +1,19 @@
-"""SSD, LFSSD, ASSD, Potion and the PTN-style search (SPEC.md sections 2-5)."""
+"""SSD, LFSSD, ASSD, Potion and the PTN-style search (docs/methods.md#methods)."""
 
 from __future__ import annotations
 
 from unlearning.dampening import adaptive_alpha, check_strengths, ssd
 from unlearning.errors import UserError
-from unlearning.methods import MethodOutput, UnlearningTask, register_method
-from unlearning.search import forget_target, ptn_schedule, request_rho, sequential_search
+from unlearning.methods.registry import MethodOutput, register_method
+from unlearning.methods.task import UnlearningTask
+from unlearning.search import (
+    PTN_DEFAULTS,
+    PTNConfig,
+    forget_target,
+    ptn_schedule,
+    request_rho,
+    sequential_search,
+)
 
 
 def _fixed(task: UnlearningTask, kind: str, reference: str, alpha: float, lam: float) -> MethodOutput:
@@ -48,9 +56,11 @@ def potion_method(task: UnlearningTask, lam: float) -> MethodOutput:
     return _adaptive(task, "l2_norm", lam)
 
 
-@register_method(
-    "ptn", kind="fisher", reference="full", target=None, rho=None, growth=1.1, max_steps=500, start_divisor=25.0
-)
+# The walk's settings a request may override; their defaults live in PTNConfig alone.
+WALK = {key: getattr(PTN_DEFAULTS, key) for key in ("growth", "max_steps", "start_divisor")}
+
+
+@register_method("ptn", kind="fisher", reference="full", target=None, rho=None, **WALK)
 def ptn_method(
     task: UnlearningTask,
     kind: str,
@@ -63,7 +73,7 @@ def ptn_method(
 ) -> MethodOutput:
     """PTN-style search: the least aggressive dampening that brings D_f accuracy to the target.
 
-    `start_divisor` sets s_0 = |D_f| / N / start_divisor (SPEC.md: 25); larger starts gentler.
+    `start_divisor` sets s_0 = |D_f| / N / start_divisor (default in PTNConfig); larger starts gentler.
     """
     if reference not in ("full", "retain"):
         raise UserError(f"ptn reference must be 'full' or 'retain', got {reference!r}")
@@ -77,9 +87,8 @@ def ptn_method(
         )
     full = task.importance(reference, kind)
     forget = task.importance("forget", kind)
-    schedule = ptn_schedule(
-        full, forget, task.forget_fraction, growth=growth, max_steps=max_steps, start_divisor=start_divisor
-    )
+    walk = PTNConfig(growth=growth, max_steps=max_steps, start_divisor=start_divisor)
+    schedule = ptn_schedule(full, forget, task.forget_fraction, walk)
     on_step = None
     if task.progress is not None:
         def on_step(step, acc):  # noqa: E306 - a one-line progress hook
@@ -98,7 +107,7 @@ def ptn_method(
     return output
 
 
-@register_method("potion_ptn", target=None, rho=None, growth=1.1, max_steps=500, start_divisor=25.0)
+@register_method("potion_ptn", target=None, rho=None, **WALK)
 def potion_ptn_method(
     task: UnlearningTask, target: float | None, rho: float | None, growth: float, max_steps: int,
     start_divisor: float,

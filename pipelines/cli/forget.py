@@ -1,0 +1,124 @@
+"""`unlearn forget`, `unlearn search` and `unlearn history`: deletion requests and lineage."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from pipelines.cli.common import key_value, number
+from pipelines.ray_session import DEFAULT_RAY_MIN_ROWS
+from unlearning.errors import UserError
+
+
+def add_commands(commands) -> None:
+    forget = commands.add_parser("forget", help="process one deletion request")
+    search = commands.add_parser("search", help="a deletion request with a parallel search on Ray Tune")
+    for sub in (forget, search):
+        _request_arguments(sub, search_required=sub is search)
+
+    history = commands.add_parser("history", help="a registered model's versions and what each removed")
+    history.add_argument("--model-name", required=True, help="the registered model")
+    history.add_argument("--ids", action="store_true", help="also list the removed ids")
+    history.add_argument("--json", action="store_true", help="print JSON")
+    history.set_defaults(func=cmd_history)
+
+
+def _request_arguments(parser, search_required: bool) -> None:
+    add = parser.add_argument
+    add("--model", required=True, help="a checkpoint directory or models:/NAME@current")
+    add("--data", required=True, help="the training data (as for train)")
+    add("--forget", required=True, help="class:K, subclass:K, random:N[:SEED], or an id file")
+    add("--out", required=True, help="run directory to create")
+    add("--method", default="ptn", help=f"a registered method (default: ptn search): {method_list()}")
+    add("--importance", help="an importance store from `unlearn importance`")
+    add("--alpha", type=number, help="SSD's selection threshold alpha (fixed-strength methods)")
+    add("--lambda", dest="lam", type=number, help="SSD's dampening constant lambda")
+    add("--rho", type=float, help="poison requests: target = rho x original forget accuracy")
+    add("--param", type=key_value, action="append", help="KEY=VALUE method parameter (repeatable)")
+    add("--mode", default="per_sample", choices=["per_sample", "batch"], help="importance mode")
+    add("--batch-size", type=int, default=64, help="importance batch size (default 64)")
+    add("--seed", type=int, default=0, help="seed of random:N forget sets and of the methods")
+    add("--search", required=search_required, metavar="CONFIG",
+        help="a tune_configs/*.yaml search (PTN or TPE) run on Ray Tune")
+    add("--model-name", help="registered model name in MLflow (default: ARCH-DATA)")
+    add("--no-track", action="store_true", help="do not record the request in MLflow")
+    add("--compare-retrain", action="store_true", help="also retrain from scratch, for comparison")
+    add("--workers", type=int, default=2, help="Ray workers for a large split's importance (default 2)")
+    add("--ray-min-rows", type=int, default=DEFAULT_RAY_MIN_ROWS, metavar="N",
+        help=f"compute the importance of a split (forget set, data) with at least N rows on Ray; "
+             f"smaller ones run in this process (default {DEFAULT_RAY_MIN_ROWS})")
+    add("--zrf", action="store_true", help="also report ZRF (similarity to a random network on D_f)")
+    parser.set_defaults(func=cmd_forget)
+
+
+def method_list() -> str:
+    """Every registered method with its summary, for --help."""
+    from unlearning.methods import METHODS
+
+    listing = "; ".join(f"{name}: {METHODS[name].summary.rstrip('.')}" for name in sorted(METHODS))
+    return listing.replace("%", "%%")  # argparse formats help with %
+
+
+def forget_options(args):
+    """The request's ForgetOptions from the command line; UserError on bad combinations."""
+    from pipelines.request import ForgetOptions
+
+    params = dict(args.param or [])
+    if args.alpha is not None:
+        params["alpha"] = args.alpha
+    if args.lam is not None:
+        params["lam"] = args.lam
+    if args.workers < 1:
+        raise UserError(f"--workers must be at least 1, got {args.workers}")
+    if args.ray_min_rows < 0:
+        raise UserError(f"--ray-min-rows must be 0 or more, got {args.ray_min_rows}")
+    if args.search and (params or args.method != "ptn"):
+        raise UserError("--search chooses alpha and lambda itself; drop --method, --alpha, --lambda and --param")
+    return ForgetOptions(
+        method=args.method, params=params, importance_store=args.importance, mode=args.mode,
+        batch_size=args.batch_size, seed=args.seed, rho=args.rho, search=args.search,
+        track=not args.no_track, model_name=args.model_name, compare_retrain=args.compare_retrain,
+        zrf=args.zrf, workers=args.workers, ray_min_rows=args.ray_min_rows, show_progress=not args.quiet,
+    )
+
+
+def cmd_forget(args) -> int:
+    from pipelines.progress import StepProgress
+    from pipelines.request import run_forget
+    from pipelines.summary import print_report
+
+    options = forget_options(args)
+    if not args.importance:
+        print(
+            "note: no --importance store given, so the full-data importance is computed now; "
+            "`unlearn importance` once makes every later request cheaper",
+            file=sys.stderr,
+        )
+    with StepProgress("search steps", disable=args.quiet) as progress:
+        report = run_forget(args.model, args.data, args.forget, args.out, options, progress=progress.on_result)
+    print_report(report, args.out)
+    return 0
+
+
+def cmd_history(args) -> int:
+    from pipelines.tracking import history, removed_ids, tracking_uri
+
+    rows = history(args.model_name)
+    if not rows:
+        raise UserError(f"model {args.model_name!r} has no versions at {tracking_uri()}")
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'version':>7}  {'parent':>6}  {'role':<10} {'method':<8} {'removed':>7}  forget set")
+    for row in rows:
+        mark = " @current" if row["current"] else ""
+        print(
+            f"{row['version']:>7}  {row['parent_version'] or '-':>6}  {row['role']:<10} {row['method'] or '-':<8} "
+            f"{row['forget_size']:>7}  {row['forget_spec'] or '-'}{mark}"
+        )
+    if args.ids:
+        for row in rows:
+            if row["role"] == "unlearned":
+                removed = " ".join(map(str, removed_ids(args.model_name, row["version"])))
+                print(f"version {row['version']} removed: {removed}")
+    return 0

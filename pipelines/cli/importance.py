@@ -1,0 +1,32 @@
+"""`unlearn importance`: build an importance store on Ray."""
+
+from __future__ import annotations
+
+from unlearning.importance import KINDS, MODES
+
+
+def add_commands(commands) -> None:
+    parser = commands.add_parser("importance", help="build an importance store on Ray")
+    parser.add_argument("--model", required=True, help="model checkpoint directory")
+    parser.add_argument("--data", required=True,
+                        help="digits, a Parquet file, a train/test directory, or an image folder")
+    parser.add_argument("--out", required=True, help="importance store directory to create")
+    parser.add_argument("--workers", type=int, default=2, help="Ray Train workers (default 2)")
+    parser.add_argument("--kind", choices=KINDS, default="fisher", help="importance kind (default fisher)")
+    parser.add_argument("--mode", choices=MODES, default="per_sample",
+                        help="per_sample (exact) or batch (the papers')")
+    parser.add_argument("--batch-size", type=int, default=64, help="batch size (default 64)")
+    parser.set_defaults(func=cmd_importance)
+
+
+def cmd_importance(args) -> int:
+    """Build the store, print one summary line; UserError on bad input."""
+    from pipelines.distributed import build_importance_store
+    from pipelines.train import store_summary
+
+    meta = build_importance_store(
+        args.model, args.data, args.out, workers=args.workers, kind=args.kind, mode=args.mode,
+        batch_size=args.batch_size, progress=not args.quiet,
+    )
+    print(store_summary(meta, args.out))
+    return 0

@@ -1,0 +1,104 @@
+"""`unlearn requests add|list|show|process`: the deletion-request ledger."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from unlearning.errors import UserError
+
+
+def add_commands(commands) -> None:
+    requests = commands.add_parser("requests", help="the deletion-request ledger (add, list, show, process)")
+    actions = requests.add_subparsers(dest="action", required=True, metavar="ACTION")
+    add = actions.add_parser("add", help="queue a deletion request")
+    add.add_argument("--ids", help="comma- or space-separated sample ids")
+    add.add_argument("--file", help="a text file of ids or a Parquet file with an id column")
+    add.add_argument("--reason", help="why (e.g. 'GDPR art. 17 request #123')")
+    add.add_argument("--requester", help="who asked")
+    listing = actions.add_parser("list", help="requests, oldest first")
+    listing.add_argument("--status", choices=["pending", "processing", "done", "rejected"], help="only these")
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    show = actions.add_parser("show", help="one request with its batch")
+    show.add_argument("request_id", type=int, help="the request's number")
+    process = actions.add_parser("process", help="the scheduled job: unlearn all pending requests at once")
+    process.add_argument("--model-name", required=True, help="registered model to update (its @current version)")
+    process.add_argument("--data", required=True, help="the training data (as for train)")
+    process.add_argument("--initial-model", help="checkpoint to start from if the model is not registered yet")
+    process.add_argument("--importance", help="importance store of the original model")
+    process.add_argument("--search", metavar="CONFIG", help="search on Ray Tune instead of the default method")
+    process.add_argument("--method", default="ptn", help="a registered method (default: ptn search)")
+    process.add_argument("--seed", type=int, default=0, help="seed of the methods")
+    process.add_argument("--out-root", default="runs/requests", help="where batch run directories go")
+    for sub in (add, listing, show, process):
+        sub.add_argument("--ledger", help="SQLAlchemy URL (default: AMNESIS_LEDGER_URL or sqlite:///requests.db)")
+    requests.set_defaults(func=cmd_requests)
+
+
+def cmd_requests(args) -> int:
+    from pipelines.ledger import Ledger
+
+    ledger = Ledger(args.ledger)
+    action = {"add": _add, "list": _list, "show": _show, "process": _process}[args.action]
+    return action(ledger, args)
+
+
+def _add(ledger, args) -> int:
+    number = ledger.add(_read_ids(args), requester=args.requester or "", reason=args.reason or "")
+    print(f"request {number} added ({len(ledger.get(number)['ids'])} ids, pending)")
+    return 0
+
+
+def _read_ids(args) -> list[int]:
+    from unlearning.data import read_id_file
+
+    ids: list[int] = []
+    if args.ids:
+        for part in args.ids.replace(",", " ").split():
+            try:
+                ids.append(int(part))
+            except ValueError:
+                raise UserError(f"--ids: {part!r} is not an integer id") from None
+    if args.file:
+        ids.extend(read_id_file(Path(args.file)).tolist())
+    if not ids:
+        raise UserError("a deletion request needs ids: give --ids 1,2,3 or --file IDS")
+    return ids
+
+
+def _list(ledger, args) -> int:
+    rows = ledger.list(args.status)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'id':>5}  {'status':<10} {'ids':>6}  {'version':>7}  {'created':<25} requester: reason")
+    for row in rows:
+        print(f"{row['id']:>5}  {row['status']:<10} {len(row['ids']):>6}  {row['model_version'] or '-':>7}  "
+              f"{row['created_at']:<25} {row['requester'] or '-'}: {row['reason'] or '-'}")
+    return 0
+
+
+def _show(ledger, args) -> int:
+    row = ledger.get(args.request_id)
+    batch = ledger.batch(row["batch_id"]) if row["batch_id"] else {}
+    print(json.dumps({**row, "batch": batch}, indent=2))
+    return 0
+
+
+def _process(ledger, args) -> int:
+    from pipelines.ledger import Busy, process_pending
+    from pipelines.request import ForgetOptions
+
+    options = ForgetOptions(importance_store=args.importance, search=args.search, method=args.method, seed=args.seed)
+    try:
+        summary = process_pending(ledger, args.model_name, args.data, args.out_root, args.initial_model, options)
+    except Busy as busy:
+        print(f"nothing to do: {busy}")
+        return 0
+    if summary["batch"] is None:
+        print("nothing to do: no pending requests")
+    else:
+        print(f"batch {summary['batch']}: {summary['processed']} requests done -> "
+              f"{args.model_name} version {summary['model_version']}"
+              + (" (resumed)" if summary.get("resumed") else ""))
+    return 0

@@ -1,0 +1,208 @@
+"""Step 4, on the driver: plan -> Ray Datasets -> TorchTrainer -> collect the all-reduced sums.
+
+The driver describes the split without decoding it (`unlearning.data.open_source`), plans
+chunks of whole batches, gives each worker its own streamed Ray Dataset, and runs the worker
+group. A worker that dies restarts the group (`FailureConfig`); partials are reduced only at
+the end, so a restart simply recomputes. See docs/implementation-notes.md.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import unlearning
+from pipelines.distributed.data_stage import rank_dataset
+from pipelines.distributed.plan import plan_chunks, worker_resources
+from pipelines.distributed.worker import RunChannel, importance_worker
+from pipelines.ray_session import ensure_ray
+from unlearning.checkpoint import model_meta
+from unlearning.data import SplitRows, decode_rows, open_source
+from unlearning.errors import UserError
+from unlearning.importance import KINDS, MODES
+
+MAX_FAILURES = 3  # worker-group restarts before a run gives up
+
+
+def training_rows(data_spec: str | os.PathLike) -> tuple[SplitRows, str]:
+    """(the training split's rows, the data set's fingerprint), nothing decoded."""
+    if "+" in str(data_spec):  # load_dataset's task modifiers rewrite rows; they are not streamed (yet)
+        raise UserError(f"data spec {data_spec!r}: modifiers such as +poison/+coarse are not supported on Ray")
+    source = open_source(data_spec)
+    return source.train, source.fingerprint
+
+
+def check_arguments(workers: int, kind: str, mode: str, batch_size: int) -> None:
+    if kind not in KINDS:
+        raise UserError(f"importance kind {kind!r} is not one of {', '.join(KINDS)}")
+    if mode not in MODES:
+        raise UserError(f"importance mode {mode!r} is not one of {', '.join(MODES)}")
+    if workers < 1:
+        raise UserError(f"--workers must be at least 1, got {workers}")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+
+
+def check_first_row(rows: SplitRows, model, where: str) -> bool:
+    """Decode the first row on the driver, so a wrong model fails in one line.
+
+    Returns whether `unlearning.load_dataset` holds these inputs channels-last: its image
+    decoder stacks HWC arrays, and a convolution over channels-last memory rounds differently
+    (1e-3 relative for resnet_small), so workers give their batches the same layout.
+    """
+    try:
+        _, inputs, _ = decode_rows(rows.read(0, 1), where)
+    except UserError:
+        raise UserError(f"{where}: the first training row cannot be decoded") from None
+    expected = tuple(model_meta(model)["input_shape"])
+    if tuple(inputs.shape[1:]) != expected:
+        raise UserError(f"{where}: inputs have shape {tuple(inputs.shape[1:])}, the model expects {expected}")
+    return inputs.dim() == 4 and not inputs.is_contiguous() and inputs.is_contiguous(memory_format=torch.channels_last)
+
+
+def show_progress(channel, total: int, stop: threading.Event, label: str) -> None:
+    import ray
+    from tqdm import tqdm
+
+    with tqdm(total=total, unit="rows", desc=label, dynamic_ncols=True) as bar:
+        while True:
+            stopped = stop.wait(0.5)
+            try:
+                done = min(total, ray.get(channel.rows_done.remote(), timeout=5))
+            except Exception:  # progress is best effort
+                done = bar.n
+            if done != bar.n:  # may go down: a restarted worker group starts again
+                bar.n = done
+                bar.refresh()
+            if stopped:
+                return
+
+
+def compute_importance_on_ray(
+    model_path: str | os.PathLike,
+    data_spec: str | os.PathLike,
+    workers: int = 2,
+    kind: str = "fisher",
+    mode: str = "per_sample",
+    batch_size: int = 64,
+    progress: bool = True,
+    positions: np.ndarray | None = None,
+    label: str = "importance",
+    fault=None,
+) -> unlearning.ImportanceSums:
+    """Importance (sum, count) of the model at `model_path` over the training split of `data_spec`.
+
+    Equal to `unlearning.compute_importance_sums(model, split.batches(batch_size), kind, mode)`
+    in one process, for any number of workers (float64 sums; 1e-6 relative or better).
+    `positions` (increasing training row numbers) restricts it to those rows, e.g. a forget set;
+    `label` names the progress bar; `fault(rank, rows_done)` runs in every worker after each
+    batch (tests kill a worker with it).
+    """
+    check_arguments(workers, kind, mode, batch_size)
+    model = unlearning.load_model(model_path)
+    rows, fingerprint = training_rows(data_spec)
+    if positions is not None:
+        if len(positions) == 0:
+            raise UserError(f"{data_spec}: no training rows selected")
+        rows = rows.select(positions)
+    config = {
+        "model_path": str(Path(model_path).resolve()), "kind": kind, "mode": mode, "fault": fault,
+        "channels_last": check_first_row(rows, model, str(data_spec)),
+    }
+    plan = plan_chunks(len(rows), batch_size, workers)
+    result, streaming_seconds = _fit(rows, plan, model, config, str(data_spec), label if progress else None)
+    if result is None or result["num_samples"] != len(rows):
+        raise RuntimeError(f"distributed importance saw {result and result['num_samples']} of {len(rows)} rows")
+    return unlearning.ImportanceSums(
+        sums=result["sums"], count=result["count"], kind=kind, mode=mode,
+        num_samples=result["num_samples"], batch_size=batch_size,
+        meta={"workers": plan.workers, "dataset_fingerprint": fingerprint, "seconds_streaming": streaming_seconds},
+    )
+
+
+def _fit(rows: SplitRows, plan, model, config: dict, where: str, label: str | None):
+    """Run the worker group; returns (rank 0's all-reduced result, streaming seconds)."""
+    import ray
+
+    cluster = ensure_ray()
+    use_gpu, per_worker, threads = worker_resources(cluster, plan.workers)
+    channel = ray.remote(num_cpus=0)(RunChannel).remote()
+    meta = model_meta(model)
+    datasets = {
+        f"rank{rank}": rank_dataset(rank, rows, plan, meta.get("normalize"), meta["num_classes"], where)
+        for rank in range(plan.workers)
+    }
+    storage = tempfile.mkdtemp(prefix="amnesis-importance-")
+    trainer = _trainer({**config, "channel": channel, "plan": plan, "threads": threads},
+                       datasets, plan.workers, use_gpu, per_worker, storage)
+    stop, display = threading.Event(), None
+    if label is not None:
+        display = threading.Thread(target=show_progress, args=(channel, len(rows), stop, label), daemon=True)
+        display.start()
+    try:
+        trainer.fit()
+        return ray.get(channel.get_result.remote()), ray.get(channel.streaming_seconds.remote())
+    except Exception as error:
+        message = ray.get(channel.get_user_error.remote())
+        if message:
+            raise UserError(message) from None
+        raise RuntimeError(f"distributed importance failed: {str(error).splitlines()[0]}") from error
+    finally:
+        stop.set()
+        if display is not None:
+            display.join()
+        ray.kill(channel)
+        shutil.rmtree(storage, ignore_errors=True)
+
+
+def _trainer(config: dict, datasets: dict, workers: int, use_gpu: bool, per_worker: dict, storage: str):
+    from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    return TorchTrainer(
+        importance_worker,
+        train_loop_config=config,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=per_worker),
+        run_config=RunConfig(
+            name=f"importance-{uuid.uuid4().hex[:8]}",
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=MAX_FAILURES),
+        ),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=[]),  # each worker reads only its own chunks
+    )
+
+
+def build_importance_store(model_path: str | os.PathLike, data_spec: str | os.PathLike, out: str | os.PathLike,
+                           workers: int = 2, kind: str = "fisher", mode: str = "per_sample", batch_size: int = 64,
+                           progress: bool = True) -> dict:
+    """Compute importance on Ray and write it as an importance store at `out`; returns its meta.
+
+    Nothing is written unless the run finishes (`out` appears atomically, or not at all).
+    """
+    if Path(out).exists():
+        raise UserError(f"{out} already exists; choose a new output path (nothing is overwritten)")
+    started = time.monotonic()
+    sums = compute_importance_on_ray(model_path, data_spec, workers, kind, mode, batch_size, progress)
+    model = unlearning.load_model(model_path)
+    return unlearning.save_importance(
+        sums,
+        out,
+        model_fingerprint=unlearning.model_fingerprint(model),
+        dataset_fingerprint=sums.meta["dataset_fingerprint"],
+        extra={
+            "data": str(data_spec),
+            "model": str(model_path),
+            "workers": sums.meta["workers"],
+            "seconds": round(time.monotonic() - started, 3),
+        },
+    )

@@ -1,0 +1,83 @@
+"""Training an original model and evaluating a checkpoint: the `train` and `evaluate` API.
+
+The maths is `unlearning.training`; this module picks the architecture and recipe, writes the
+checkpoint atomically and says what it did in one line.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import replace
+
+import unlearning
+from unlearning.checkpoint import model_meta
+from unlearning.errors import UserError
+
+
+def default_arch(dataset) -> str:
+    if dataset.input_kind != "image":
+        return "mlp"
+    return "small_cnn" if dataset.input_shape[-1] < 16 else "resnet_small"
+
+
+def train_checkpoint(
+    data_spec: str, out: str, arch: str | None = None, epochs: int | None = None, lr: float | None = None,
+    seed: int = 0, progress: bool = True,
+) -> str:
+    """Train an original model (seeded) and write its checkpoint at `out`; returns a summary line."""
+    import torch
+    from tqdm import tqdm
+
+    from pipelines.request import default_device
+    from unlearning.evaluation import evaluate_model
+    from unlearning.training import DEFAULT_RECIPES, TrainConfig, train
+
+    dataset = unlearning.load_dataset(data_spec)
+    arch = arch or default_arch(dataset)
+    recipe = DEFAULT_RECIPES.get(arch, TrainConfig())
+    config = replace(recipe, epochs=recipe.epochs if epochs is None else epochs, seed=seed,
+                     lr=recipe.lr if lr is None else lr)
+    if config.epochs < 1:
+        raise UserError(f"--epochs must be at least 1, got {config.epochs}")
+    if os.path.exists(out):
+        raise UserError(f"{out} already exists; choose a new output path (nothing is overwritten)")
+    normalize = dataset.normalization()
+    model = unlearning.new_model(arch, dataset.num_classes, dataset.input_shape, normalize, seed=seed)
+    started = time.perf_counter()
+    total = config.epochs * len(dataset.train)
+    with tqdm(total=total, desc=f"train {arch}", unit="sample", disable=not progress, leave=False) as bar:
+        train(model, dataset.train, config, normalize, device=default_device(), on_step=lambda n, _: bar.update(n))
+    seconds = time.perf_counter() - started
+    meta = model_meta(model)
+    meta["train_config"] = config.to_dict()
+    meta["dataset"] = {"spec": str(data_spec), "fingerprint": dataset.fingerprint}
+    with torch.no_grad():
+        metrics = evaluate_model(model, dataset, None, normalize)
+    fingerprint = unlearning.save_model(model.cpu(), out)
+    return (
+        f"trained {arch} on {dataset.name} ({len(dataset.train)} samples, {config.epochs} epochs, "
+        f"{seconds:.1f} s): train acc {metrics['train_acc']:.3f}, test acc {metrics['test_acc']:.3f} "
+        f"-> {out} ({fingerprint})"
+    )
+
+
+def evaluate_checkpoint(model_path: str, data_spec: str, forget_spec: str | None, seed: int = 0,
+                        zrf: bool = False) -> dict:
+    """A checkpoint's metrics on a data set (and a forget set, if given)."""
+    from pipelines.request import random_reference
+    from unlearning.evaluation import evaluate_model
+
+    model = unlearning.load_model(model_path)
+    dataset = unlearning.load_dataset(data_spec)
+    forget = unlearning.parse_forget(forget_spec, dataset, seed=seed) if forget_spec else None
+    reference = random_reference(model, seed) if zrf and forget else None
+    return evaluate_model(model, dataset, forget, model_meta(model).get("normalize"), random_model=reference)
+
+
+def store_summary(meta: dict, out: str) -> str:
+    """One line about a freshly built importance store."""
+    return (
+        f"importance store {out}: {meta['kind']}/{meta['mode']} over {meta['num_samples']} rows "
+        f"({meta['count']} terms) with {meta['workers']} workers in {meta['seconds']:.1f} s"
+    )

@@ -1,0 +1,100 @@
+"""Distributed importance without Ray: the chunk plan, resources, and refusals before Ray work."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import unlearning
+from pipelines.distributed import (
+    RayImportanceBackend,
+    build_importance_store,
+    compute_importance_on_ray,
+)
+from pipelines.distributed.driver import check_first_row, training_rows
+from pipelines.distributed.plan import (
+    DATA_ACTORS_PER_WORKER,
+    DATA_TASK_CPUS,
+    plan_chunks,
+    worker_resources,
+)
+from tests.conftest import image_table
+
+
+@pytest.mark.parametrize("num_rows,batch_size,workers", [(1438, 64, 2), (160, 24, 2), (10, 64, 3), (5000, 7, 4)])
+def test_chunk_plan_gives_every_fixed_batch_to_exactly_one_worker(num_rows, batch_size, workers):
+    plan = plan_chunks(num_rows, batch_size, workers)
+    assert plan.chunk_rows % batch_size == 0  # chunks start and end on batch boundaries
+    owner = {}
+    for rank in range(plan.workers):
+        for local in range(plan.chunks_of(rank)):
+            chunk = local * plan.workers + rank
+            start, stop = chunk * plan.chunk_rows, min((chunk + 1) * plan.chunk_rows, num_rows)
+            for batch in range(start // batch_size, -(-stop // batch_size)):
+                assert batch not in owner
+                owner[batch] = rank
+    assert sorted(owner) == list(range(-(-num_rows // batch_size)))
+
+
+@pytest.mark.parametrize("cpus,workers,threads", [(2, 2, 1), (2, 1, 2), (8, 8, 1), (16, 4, 4)])
+def test_workers_leave_room_for_every_data_actor(cpus, workers, threads):
+    use_gpu, per_worker, torch_threads = worker_resources({"CPU": cpus}, workers)
+    actors = workers * DATA_ACTORS_PER_WORKER * DATA_TASK_CPUS
+    assert not use_gpu and torch_threads == threads
+    assert workers * per_worker["CPU"] + actors <= cpus + 1e-9  # no actor waits for a CPU forever
+
+
+def test_bad_inputs_are_one_line_user_errors_before_any_ray_work(
+    untrained_digits_checkpoint, parquet_checkpoint, tmp_path
+):
+    with pytest.raises(unlearning.UserError, match="kind"):
+        compute_importance_on_ray(untrained_digits_checkpoint, "digits", kind="hessian")
+    with pytest.raises(unlearning.UserError, match="neither 'digits' nor an existing path"):
+        compute_importance_on_ray(untrained_digits_checkpoint, str(tmp_path / "missing"))
+    with pytest.raises(unlearning.UserError, match="expects"):
+        compute_importance_on_ray(parquet_checkpoint, "digits")  # 1x8x8 data, 3x8x8 model
+    broken = tmp_path / "broken.parquet"
+    table = image_table(20, seed=4)
+    pq.write_table(table.set_column(2, "image", pa.array([b"not a png"] * 20, type=pa.binary())), broken)
+    with pytest.raises(unlearning.UserError, match="cannot be decoded"):
+        build_importance_store(parquet_checkpoint, broken, tmp_path / "store")
+    assert not (tmp_path / "store").exists()
+
+
+def test_existing_store_path_is_refused(untrained_digits_checkpoint, tmp_path):
+    (tmp_path / "store").mkdir()
+    with pytest.raises(unlearning.UserError, match="already exists"):
+        build_importance_store(untrained_digits_checkpoint, "digits", tmp_path / "store")
+
+
+def test_request_backend_maps_ids_to_training_rows_and_declines_small_or_unstreamable_splits(
+    untrained_digits_checkpoint,
+):
+    train = unlearning.load_dataset("digits").train
+    backend = RayImportanceBackend(untrained_digits_checkpoint, "digits", train.ids, "fp", min_rows=100)
+    some = torch.tensor([7, 1200, 3])
+    assert backend.positions(train.ids[some]).tolist() == [7, 1200, 3]
+    with pytest.raises(RuntimeError, match="not training rows"):
+        backend.positions(torch.tensor([10**9]))
+    small = train.subset(torch.arange(99))
+    assert backend(small, "fisher", "per_sample", 64, False) is None  # below min_rows: in-process
+    assert backend(train, "fisher", "batch", 64, True) is None  # shuffled batches: in-process
+    coarse = "digits+coarse:0,1,2,3,4/5,6,7,8,9"
+    modified = RayImportanceBackend(untrained_digits_checkpoint, coarse, train.ids, "fp")
+    assert modified(train, "fisher", "per_sample", 64, False) is None  # +modifiers are not streamed
+    assert backend.runs == [] and modified.runs == []
+
+
+@pytest.mark.parametrize("source", ["digits", "parquet_file", "image_folder"])
+def test_workers_use_the_memory_layout_load_dataset_uses(
+    source, request, untrained_digits_checkpoint, parquet_checkpoint
+):
+    """Convolutions round differently over channels-last memory (~1e-3 for resnet_small)."""
+    spec = "digits" if source == "digits" else str(request.getfixturevalue(source))
+    checkpoint = untrained_digits_checkpoint if source == "digits" else parquet_checkpoint
+    rows, _ = training_rows(spec)
+    inputs = unlearning.load_dataset(spec).train.inputs
+    expected = not inputs.is_contiguous() and inputs.is_contiguous(memory_format=torch.channels_last)
+    assert check_first_row(rows, unlearning.load_model(checkpoint), spec) == expected

@@ -1,0 +1,118 @@
+"""Forget sets: which training rows a deletion request names.
+
+`class:K[,K2]`, `subclass:K` (a fine class of a coarse task), `random:N[:SEED]`,
+`poison:identified` / `poison:all` (a `+poison` task), or a file of ids (one per line, or
+Parquet with an `id` column).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from unlearning.data.containers import Dataset, Split
+from unlearning.data.sources import fingerprint_bytes
+from unlearning.errors import UserError
+
+
+@dataclass
+class ForgetSet:
+    """Which training rows to forget, and what kind of request it is."""
+
+    spec: str
+    kind: str  # "class", "subclass", "ids", "random"
+    ids: Tensor
+    classes: list[int] = field(default_factory=list)
+
+    def manifest_hash(self) -> str:
+        return fingerprint_bytes(np.sort(self.ids.numpy()).astype(np.int64).tobytes())
+
+
+def _class_index(text: str, what: str, limit: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise UserError(f"forget spec {what}: {text!r} is not a class index") from None
+    if not 0 <= value < limit:
+        raise UserError(f"forget spec {what}: class {value} is out of range 0..{limit - 1}")
+    return value
+
+
+def parse_forget(spec: str, dataset: Dataset, seed: int = 0) -> ForgetSet:
+    """`class:K[,K2]`, `subclass:K` (a fine class), `random:N[:SEED]`, `poison:identified`,
+    `poison:all`, or a file of ids."""
+    spec = str(spec).strip()
+    train = dataset.train
+    if spec.startswith("poison:"):
+        if dataset.poison is None:
+            raise UserError(f"forget spec {spec}: the data set has no poison (use DATA+poison:rate=...)")
+        which = spec[7:]
+        if which not in ("identified", "all"):
+            raise UserError(f"forget spec {spec}: expected poison:identified or poison:all")
+        ids = dataset.poison.identified.ids if which == "identified" else dataset.poison.poisoned_ids
+        forget = ForgetSet(spec, "poison", ids)
+    elif spec.startswith("class:"):
+        classes = [_class_index(t, spec, dataset.num_classes) for t in spec[6:].split(",")]
+        ids = train.ids[torch.isin(train.labels, torch.tensor(classes))]
+        forget = ForgetSet(spec, "class", ids, classes)
+    elif spec.startswith("subclass:"):
+        if train.fine_labels is None:
+            raise UserError(f"forget spec {spec}: the data set has no fine labels (use a sub-class task)")
+        limit = int(train.fine_labels.max()) + 1
+        fine = _class_index(spec[9:], spec, limit)
+        ids = train.ids[train.fine_labels == fine]
+        forget = ForgetSet(spec, "subclass", ids, [fine])
+    elif spec.startswith("random:"):
+        parts = spec[7:].split(":")
+        try:
+            count = int(parts[0])
+            seed = int(parts[1]) if len(parts) > 1 else seed
+        except ValueError:
+            raise UserError(f"forget spec {spec!r}: expected random:N or random:N:SEED") from None
+        if not 0 < count < len(train):
+            raise UserError(f"forget spec {spec!r}: N must be between 1 and {len(train) - 1}")
+        chosen = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:count]
+        forget = ForgetSet(spec, "random", train.ids[chosen.sort().values])
+    else:
+        forget = ForgetSet(spec, "ids", read_id_file(Path(spec)))
+    if len(forget.ids) == 0:
+        raise UserError(f"forget set {spec!r} is empty")
+    dataset.index_of(forget.ids)  # raises on ids not in the data
+    if len(forget.ids) >= len(train):
+        raise UserError(f"forget set {spec!r} covers the whole training set; nothing would remain")
+    return forget
+
+
+def read_id_file(path: Path) -> Tensor:
+    if not path.is_file():
+        raise UserError(f"forget spec {str(path)!r} is not class:K, random:N or an existing id file")
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path, columns=["id"])
+        except Exception as error:
+            raise UserError(f"{path}: cannot read an 'id' column ({error})") from None
+        values = np.asarray(table.column("id").to_numpy(), dtype=np.int64)
+    else:
+        values = []
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            try:
+                values.append(int(line))
+            except ValueError:
+                raise UserError(f"{path}:{number}: {line!r} is not an integer id") from None
+        values = np.asarray(values, dtype=np.int64)
+    return torch.unique(torch.tensor(values, dtype=torch.int64))
+
+
+def split_forget(dataset: Dataset, forget: ForgetSet) -> tuple[Split, Split]:
+    """(retain, forget) rows of the training split, each in the data's row order."""
+    mask = torch.isin(dataset.train.ids, forget.ids)
+    return dataset.train.where(~mask), dataset.train.where(mask)

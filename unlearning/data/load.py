@@ -1,0 +1,80 @@
+"""The in-memory loader: a data spec -> a `Dataset`, every row read through `sources`.
+
+`load_dataset("digits")`, a Parquet file, a directory with train/test Parquet, or an image
+folder, optionally followed by benchmark-task modifiers (`+poison:...`, `+coarse:...`,
+see `unlearning.data.tasks`).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from unlearning.data.containers import Dataset, Split
+from unlearning.data.sources import (
+    SPLIT_SEED,
+    TEST_FRACTION,
+    ParquetTable,
+    RowSource,
+    SplitRows,
+    decode_rows,
+    open_source,
+)
+from unlearning.data.tasks import apply_modifier
+from unlearning.errors import UserError
+
+
+def load_dataset(spec: str | os.PathLike) -> Dataset:
+    """`digits`, a Parquet file, a directory with train/test Parquet, or an image folder,
+    optionally followed by `+poison:...` or `+coarse:...` modifiers."""
+    base, *modifiers = str(spec).split("+")
+    dataset = load_source(open_source(base))
+    for modifier in modifiers:
+        dataset = apply_modifier(dataset, modifier, str(spec))
+    return dataset
+
+
+def load_split(rows: SplitRows, where: str) -> Split:
+    """Every row of a split, decoded into memory."""
+    return Split(*decode_rows(rows.read(), where))
+
+
+def load_source(source: RowSource) -> Dataset:
+    where = source.spec
+    train, test = load_split(source.train, where), load_split(source.test, where)
+    _check_ids(source, train, test)
+    for split in (train, test):
+        if len(split) and int(split.labels.min()) < 0:
+            raise UserError(f"{where}: labels must be non-negative integers")
+    num_classes, names = _classes(source, train, test)
+    return Dataset(
+        name=source.name,
+        train=train,
+        test=test,
+        num_classes=num_classes,
+        input_kind=source.input_kind,
+        class_names=names,
+        fingerprint=source.fingerprint,
+        notes={"held_out_test": {"fraction": TEST_FRACTION, "seed": SPLIT_SEED}} if source.held_out else {},
+    )
+
+
+def _check_ids(source: RowSource, train: Split, test: Split) -> None:
+    """Ids are unique within each file (train and test of a held-out source share one)."""
+    groups = [torch.cat([train.ids, test.ids])] if source.held_out else [train.ids, test.ids]
+    for ids in groups:
+        if len(torch.unique(ids)) != len(ids):
+            raise UserError(f"{source.spec}: the 'id' column has duplicates")
+
+
+def _classes(source: RowSource, train: Split, test: Split) -> tuple[int, list[str]]:
+    """(number of classes, their names): the folder's or digits' classes, else max label + 1."""
+    table = source.train.table
+    if not isinstance(table, ParquetTable):
+        return len(table.classes), list(table.classes)
+    labels = torch.cat([train.labels, test.labels])
+    num_classes = int(labels.max()) + 1
+    pairs = table.label_names()
+    return num_classes, [str(pairs.get(k, k)) for k in range(num_classes)]
+

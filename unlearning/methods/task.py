@@ -1,0 +1,132 @@
+"""`UnlearningTask`: everything a method may use for one deletion request."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from unlearning.data import Dataset, ForgetSet, Split
+from unlearning.importance import ImportanceSums, compute_importance_sums
+from unlearning.metrics import accuracy, predict_logits
+from unlearning.training import TrainConfig
+
+
+@dataclass
+class UnlearningTask:
+    """Everything a method may use for one deletion request.
+
+    `full_importance` is I^D from an importance store when there is one; otherwise it is
+    computed over the training split on first use. Importances are cached by (which, kind).
+    """
+
+    model: nn.Module
+    dataset: Dataset
+    forget: ForgetSet
+    retain_split: Split
+    forget_split: Split
+    normalize: dict | None
+    importance_mode: str = "per_sample"
+    batch_size: int = 64
+    shuffle_batches: bool = False  # batch mode: the papers' unshuffled reference order
+    seed: int = 0
+    device: str = "cpu"
+    train_config: TrainConfig | None = None
+    full_importance: dict[str, Tensor] | None = None
+    full_importance_kind: str | None = None
+    full_importance_mode: str | None = None
+    rho: float | None = None  # poison requests: target = rho * original forget accuracy
+    progress: Callable[[dict], None] | None = None  # gets {"step", "forget_acc"} per search step
+    # Optional place to compute an importance elsewhere (e.g. on a Ray cluster):
+    # (split, kind, mode, batch_size, shuffled) -> ImportanceSums, or None to compute it here.
+    importance_backend: Callable[[Split, str, str, int, bool], ImportanceSums | None] | None = None
+    cache: dict = field(default_factory=dict)
+    importance_seconds: float = 0.0  # time spent computing importances (reported apart)
+
+    @property
+    def forget_fraction(self) -> float:
+        return len(self.forget_split) / (len(self.forget_split) + len(self.retain_split))
+
+    def batches(self, split: Split):
+        return split.batches(
+            self.batch_size, shuffle=self.shuffle_batches, seed=self.seed, normalize=self.normalize
+        )
+
+    def importance(self, which: str, kind: str) -> dict[str, Tensor]:
+        """I over `which` in {"full", "retain", "forget"} of importance kind `kind`, cached."""
+        key = (which, kind)
+        if key in self.cache:
+            return self.cache[key]
+        started = time.perf_counter()
+        if which == "full" and self.full_importance is not None and self.full_importance_kind == kind:
+            result = self.full_importance
+        elif which == "retain" and self._store_gives_retain(kind):
+            result = self._retain_from_full(kind)
+        else:
+            split = {
+                "full": self.dataset.train,
+                "retain": self.retain_split,
+                "forget": self.forget_split,
+            }[which]
+            sums = None
+            if self.importance_backend is not None:
+                sums = self.importance_backend(split, kind, self.importance_mode, self.batch_size, self.shuffle_batches)
+            if sums is None:
+                sums = compute_importance_sums(
+                    self.model, self.batches(split), kind=kind, mode=self.importance_mode, device=self.device
+                )
+            result = sums.mean()
+        self.cache[key] = result
+        if which != "retain" or not self._store_gives_retain(kind):
+            self.importance_seconds += time.perf_counter() - started
+        return result
+
+    def _store_gives_retain(self, kind: str) -> bool:
+        """Only per-sample importances split exactly into retained + forgotten parts."""
+        return (
+            self.full_importance is not None
+            and self.full_importance_kind == kind
+            and self.importance_mode == "per_sample"
+            and self.full_importance_mode in (None, "per_sample")
+        )
+
+    def _retain_from_full(self, kind: str) -> dict[str, Tensor]:
+        """I^{D_r} from a stored I^D: exact in per_sample mode, (N I^D - N_f I^f) / N_r."""
+        n_forget, n_retain = len(self.forget_split), len(self.retain_split)
+        forget = self.importance("forget", kind)
+        return {
+            name: ((full * (n_forget + n_retain) - forget[name] * n_forget) / n_retain).clamp_min(0)
+            for name, full in self.full_importance.items()
+        }
+
+    def original_accuracy(self, which: str) -> float:
+        """The original model's accuracy on D_f ("forget"), or on unseen data ("test").
+
+        "test" is weighted to the forget set's class mix: the mean over forget samples of the
+        test accuracy of their class, i.e. what the model scores on unseen samples like them.
+        For a sub-class request the "class" is the fine class.
+        """
+        key = ("accuracy", which)
+        if key not in self.cache:
+            if which == "forget":
+                self.cache[key] = accuracy(self.model, self.forget_split, self.normalize)
+            else:
+                test = self.dataset.test
+                logits = predict_logits(self.model, test, self.normalize)
+                correct = (logits.argmax(dim=1) == test.labels).double()
+                fine = self.forget.kind == "subclass" and test.fine_labels is not None
+                groups_test = test.fine_labels if fine else test.labels
+                groups_forget = self.forget_split.fine_labels if fine else self.forget_split.labels
+                size = int(max(groups_test.max(), groups_forget.max())) + 1
+                per_class = torch.full((size,), float("nan"), dtype=torch.float64)
+                for k in torch.unique(groups_test).tolist():
+                    per_class[k] = correct[groups_test == k].mean()
+                mix = per_class[groups_forget]
+                self.cache[key] = float(mix[~torch.isnan(mix)].mean())
+        return self.cache[key]
+
+    def forget_accuracy(self, model: nn.Module) -> float:
+        return accuracy(model, self.forget_split, self.normalize)
