@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -e '.[dev]' 2>&1 | grep -v 'is ignored' || true
+	$(PY) -m pip install --quiet -e '.[all,dev]' 2>&1 | grep -v 'is ignored' || true
 	$(PY) -c "import torch, ray, mlflow, unlearning, pipelines" && touch $(STAMP)
 
 install: $(STAMP)
