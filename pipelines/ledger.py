@@ -289,69 +289,87 @@ def process_pending(
     `fault_point(step)` is called after each step ("claimed", "unlearning", "logged",
     "registered", "finished"); tests pass one that stops the process there to kill it.
     """
-    import unlearning
-    from pipelines.request import ForgetOptions, run_forget
-    from pipelines.tracking import (
-        find_batch_version,
-        lineage_removed_ids,
-        register_alias,
-        version_info,
-    )
+    from pipelines.tracking import find_batch_version, register_alias
 
     pause_point = fault_point or (lambda step: None)
-    claim = ledger.claim()
+    claim = ledger.claim()  # step 1
     if claim is None:
         return {"batch": None, "processed": 0, "message": "no pending requests"}
     pause_point("claimed")
 
     adopted = find_batch_version(model_name, ledger.batch_tag(claim.batch_id))
-    if adopted is None:
-        base = version_info(model_name)
-        if base is None:
-            if not initial_model:
-                raise UserError(f"model {model_name!r} is not registered yet; give --initial-model CKPT once")
-            model_uri, removed = initial_model, []
-        else:
-            model_uri = f"models:/{model_name}/{base['version']}"
-            removed = lineage_removed_ids(model_name, base["version"])
-        dataset = unlearning.load_dataset(data_spec)
-        known = set(dataset.train.ids.tolist())
-        already = set(removed)
-        wanted, rejected = set(), []
-        for request in claim.requests:
-            unknown = [i for i in request["ids"] if i not in known]
-            if unknown:
-                rejected.append((request["id"], unknown))
-            else:
-                wanted.update(i for i in request["ids"] if i not in already)
-        for request_id, unknown in rejected:
-            ledger.reject([request_id], f"ids not in the data: {unknown[:5]}")
-        if not wanted:  # everything asked for is already gone (or rejected)
-            version = base["version"] if base else None
-            ledger.finish(claim.batch_id, model_name, version, version, "")
-            return {"batch": claim.batch_id, "processed": len(claim.requests) - len(rejected),
-                    "rejected": len(rejected), "model_version": version, "message": "nothing left to remove"}
-        out_root = Path(out_root)
-        out_root.mkdir(parents=True, exist_ok=True)
-        ids_file = out_root / f"batch-{claim.batch_id}-ids.txt"
-        ids_file.write_text("".join(f"{i}\n" for i in sorted(wanted)))
-        options = options or ForgetOptions()
-        options.model_name = model_name
-        options.track = True
-        options.batch_tag = ledger.batch_tag(claim.batch_id)
-        out = out_root / f"batch-{claim.batch_id}"
-        if out.exists():  # a previous attempt wrote it but did not register: keep it, write anew
-            out = out_root / f"batch-{claim.batch_id}-attempt-{datetime.now().strftime('%H%M%S')}"
-        pause_point("unlearning")
-        report = run_forget(model_uri, data_spec, str(ids_file), str(out), options, fault_point=fault_point)
-        entry = report.mlflow
-        pause_point("registered")
-        version, parent, run_id = entry.model_version, entry.parent_version, entry.run_id
-    else:
+    if adopted is None:  # step 2
+        job = _BatchJob(ledger, claim, model_name, data_spec, Path(out_root), initial_model)
+        skipped = job.select_ids()
+        if skipped is not None:
+            return skipped
+        version, parent, run_id = job.unlearn(options, fault_point)
+    else:  # an interrupted run registered it already: adopt it, apply nothing twice
         register_alias(model_name, adopted["version"])
         version, parent, run_id = adopted["version"], adopted["tags"].get("parent_version", ""), adopted["run_id"]
-    ledger.finish(claim.batch_id, model_name, parent, version, run_id)
+    ledger.finish(claim.batch_id, model_name, parent, version, run_id)  # step 3
     pause_point("finished")
     done = sum(1 for r in ledger.list("done") if r["batch_id"] == claim.batch_id)
     return {"batch": claim.batch_id, "processed": done, "resumed": claim.resumed,
             "model_version": version, "adopted": adopted is not None}
+
+
+class _BatchJob:
+    """Step 2 of `process_pending` for one claimed batch: which ids to remove, then unlearn."""
+
+    def __init__(self, ledger: Ledger, claim: Claim, model_name: str, data_spec: str, out_root: Path,
+                 initial_model: str | None):
+        from pipelines.tracking import lineage_removed_ids, version_info
+
+        self.ledger, self.claim, self.model_name, self.data_spec = ledger, claim, model_name, data_spec
+        self.out_root, self.wanted = out_root, set()
+        self.base = version_info(model_name)
+        if self.base is None:
+            if not initial_model:
+                raise UserError(f"model {model_name!r} is not registered yet; give --initial-model CKPT once")
+            self.model_uri, self.removed = initial_model, []
+        else:
+            self.model_uri = f"models:/{model_name}/{self.base['version']}"
+            self.removed = lineage_removed_ids(model_name, self.base["version"])
+
+    def select_ids(self) -> dict | None:
+        """Reject requests with ids not in the data; None if ids remain to remove, else a summary."""
+        import unlearning
+
+        known = set(unlearning.load_dataset(self.data_spec).train.ids.tolist())
+        already, rejected = set(self.removed), []
+        for request in self.claim.requests:
+            unknown = [i for i in request["ids"] if i not in known]
+            if unknown:
+                rejected.append((request["id"], unknown))
+            else:
+                self.wanted.update(i for i in request["ids"] if i not in already)
+        for request_id, unknown in rejected:
+            self.ledger.reject([request_id], f"ids not in the data: {unknown[:5]}")
+        if self.wanted:
+            return None
+        version = self.base["version"] if self.base else None  # everything asked for is gone already
+        self.ledger.finish(self.claim.batch_id, self.model_name, version, version, "")
+        return {"batch": self.claim.batch_id, "processed": len(self.claim.requests) - len(rejected),
+                "rejected": len(rejected), "model_version": version, "message": "nothing left to remove"}
+
+    def unlearn(self, options, fault_point) -> tuple[str, str, str]:
+        """Forget the wanted ids from the base version, registered with the batch's tag."""
+        from pipelines.request import ForgetOptions, run_forget
+
+        pause_point = fault_point or (lambda step: None)
+        batch_id = self.claim.batch_id
+        self.out_root.mkdir(parents=True, exist_ok=True)
+        ids_file = self.out_root / f"batch-{batch_id}-ids.txt"
+        ids_file.write_text("".join(f"{i}\n" for i in sorted(self.wanted)))
+        options = options or ForgetOptions()
+        options.model_name, options.track = self.model_name, True
+        options.batch_tag = self.ledger.batch_tag(batch_id)
+        out = self.out_root / f"batch-{batch_id}"
+        if out.exists():  # a previous attempt wrote it but did not register: keep it, write anew
+            out = self.out_root / f"batch-{batch_id}-attempt-{datetime.now().strftime('%H%M%S')}"
+        pause_point("unlearning")
+        report = run_forget(self.model_uri, self.data_spec, str(ids_file), str(out), options, fault_point=fault_point)
+        pause_point("registered")
+        entry = report.mlflow
+        return entry.model_version, entry.parent_version, entry.run_id
