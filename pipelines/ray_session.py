@@ -1,8 +1,12 @@
 """One way to get a Ray session: connect to `RAY_ADDRESS` if it is set, else start a local one.
 
-Every pipeline calls `ensure_ray()` first; calling it again is free. Ray's own log lines stay
-out of the user's terminal (`log_to_driver=False`, `logging_level="ERROR"`) and Ray Data's
-per-operator progress bars are off: pipelines draw their own progress.
+Every pipeline calls `ensure_ray()` first; calling it again is free. Without `RAY_ADDRESS` a
+new local cluster is started (`address="local"`, node address 127.0.0.1, no dashboard), so a
+command never joins another cluster on the machine by accident, nor trips over a stale
+`ray_current_cluster` file; with it, the command joins that cluster without passing
+resources. Ray's own log lines stay out of the user's terminal (`log_to_driver=False`,
+`logging_level="ERROR"`) and Ray Data's per-operator progress bars are off: pipelines draw
+their own progress.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import os
 # Importances of splits with fewer rows are computed in-process: Ray's start-up (~20 s on a
 # 2-core machine) outweighs what 2 workers save below about this size (implementation-notes).
 DEFAULT_RAY_MIN_ROWS = 10_000
+DEFAULT_WORKERS = 2  # when the user names no worker count (capped at what the cluster holds)
 
 
 def available_cpus() -> int:
@@ -39,11 +44,35 @@ def ensure_ray(num_cpus: int | None = None) -> dict:
             ray.init(address=address, **quiet)
         else:
             ray.init(
+                address="local",
                 num_cpus=num_cpus or available_cpus(),
                 include_dashboard=False,
+                _node_ip_address="127.0.0.1",
                 **quiet,
             )
     context = DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
     return dict(ray.cluster_resources())
+
+
+def resolve_workers(requested: int | None, cluster: dict) -> int:
+    """The worker count to run: `requested`, or DEFAULT_WORKERS capped at what fits.
+
+    One worker per GPU on a cluster with GPUs, at most one per CPU otherwise. A count the
+    cluster can never hold is refused in one line (Ray would wait for it forever).
+    """
+    from unlearning.errors import UserError
+
+    gpus, cpus = int(cluster.get("GPU", 0)), int(cluster.get("CPU", 0))
+    most, unit = (gpus, "GPU") if gpus else (max(1, cpus), "CPU")
+    if requested is None:
+        return min(DEFAULT_WORKERS, most)
+    if requested < 1:
+        raise UserError(f"--workers must be at least 1, got {requested}")
+    if requested > most:
+        raise UserError(
+            f"--workers {requested}: the Ray cluster has {most} {unit}{'s' if most > 1 else ''}, "
+            f"so at most {most} workers can run"
+        )
+    return requested

@@ -58,7 +58,7 @@ class ForgetOptions:
     batch_tag: str | None = None  # the ledger batch this request belongs to (a registry tag)
     track: bool = True  # record the request in MLflow
     model_name: str | None = None  # registered model name (default: <arch>-<data set>)
-    workers: int = 2  # Ray workers for a large split's importance
+    workers: int | None = None  # Ray workers for a large split's importance (None: 2, or what fits)
     ray_min_rows: int | None = DEFAULT_RAY_MIN_ROWS  # splits this large go to Ray; None: never
     show_progress: bool = True  # progress bars of importance runs on Ray
 

@@ -43,7 +43,8 @@ def _request_arguments(parser, search_required: bool) -> None:
     add("--model-name", help="registered model name in MLflow (default: ARCH-DATA)")
     add("--no-track", action="store_true", help="do not record the request in MLflow")
     add("--compare-retrain", action="store_true", help="also retrain from scratch, for comparison")
-    add("--workers", type=int, default=2, help="Ray workers for a large split's importance (default 2)")
+    add("--workers", type=int, help="Ray workers for a large split's importance "
+                                    "(default 2, or one per GPU/CPU if the cluster has fewer)")
     add("--ray-min-rows", type=int, default=DEFAULT_RAY_MIN_ROWS, metavar="N",
         help=f"compute the importance of a split (forget set, data) with at least N rows on Ray; "
              f"smaller ones run in this process (default {DEFAULT_RAY_MIN_ROWS})")
@@ -68,7 +69,7 @@ def forget_options(args):
         params["alpha"] = args.alpha
     if args.lam is not None:
         params["lam"] = args.lam
-    if args.workers < 1:
+    if args.workers is not None and args.workers < 1:
         raise UserError(f"--workers must be at least 1, got {args.workers}")
     if args.ray_min_rows < 0:
         raise UserError(f"--ray-min-rows must be 0 or more, got {args.ray_min_rows}")

@@ -11,7 +11,8 @@ def add_commands(commands) -> None:
     parser.add_argument("--data", required=True,
                         help="digits, a Parquet file, a train/test directory, or an image folder")
     parser.add_argument("--out", required=True, help="importance store directory to create")
-    parser.add_argument("--workers", type=int, default=2, help="Ray Train workers (default 2)")
+    parser.add_argument("--workers", type=int,
+                        help="Ray Train workers (default 2, or one per GPU/CPU if the cluster has fewer)")
     parser.add_argument("--kind", choices=KINDS, default="fisher", help="importance kind (default fisher)")
     parser.add_argument("--mode", choices=MODES, default="per_sample",
                         help="per_sample (exact) or batch (the papers')")

@@ -28,7 +28,7 @@ class RayImportanceBackend:
         data_spec: str,
         train_ids: torch.Tensor,
         dataset_fingerprint: str,
-        workers: int = 2,
+        workers: int | None = None,
         min_rows: int = DEFAULT_RAY_MIN_ROWS,
         progress: bool = True,
     ):

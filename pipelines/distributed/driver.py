@@ -23,7 +23,7 @@ import unlearning
 from pipelines.distributed.data_stage import rank_dataset
 from pipelines.distributed.plan import plan_chunks, worker_resources
 from pipelines.distributed.worker import RunChannel, importance_worker
-from pipelines.ray_session import ensure_ray
+from pipelines.ray_session import ensure_ray, resolve_workers
 from unlearning.checkpoint import model_meta
 from unlearning.data import SplitRows, decode_rows, open_source
 from unlearning.errors import UserError
@@ -40,12 +40,12 @@ def training_rows(data_spec: str | os.PathLike) -> tuple[SplitRows, str]:
     return source.train, source.fingerprint
 
 
-def check_arguments(workers: int, kind: str, mode: str, batch_size: int) -> None:
+def check_arguments(workers: int | None, kind: str, mode: str, batch_size: int) -> None:
     if kind not in KINDS:
         raise UserError(f"importance kind {kind!r} is not one of {', '.join(KINDS)}")
     if mode not in MODES:
         raise UserError(f"importance mode {mode!r} is not one of {', '.join(MODES)}")
-    if workers < 1:
+    if workers is not None and workers < 1:
         raise UserError(f"--workers must be at least 1, got {workers}")
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
@@ -89,7 +89,7 @@ def show_progress(channel, total: int, stop: threading.Event, label: str) -> Non
 def compute_importance_on_ray(
     model_path: str | os.PathLike,
     data_spec: str | os.PathLike,
-    workers: int = 2,
+    workers: int | None = None,
     kind: str = "fisher",
     mode: str = "per_sample",
     batch_size: int = 64,
@@ -102,6 +102,8 @@ def compute_importance_on_ray(
 
     Equal to `unlearning.compute_importance_sums(model, split.batches(batch_size), kind, mode)`
     in one process, for any number of workers (float64 sums; 1e-6 relative or better).
+    `workers=None` runs 2, or fewer if the cluster holds fewer; a count it cannot hold is
+    refused (`pipelines.ray_session.resolve_workers`).
     `positions` (increasing training row numbers) restricts it to those rows, e.g. a forget set;
     `label` names the progress bar; `fault(rank, rows_done)` runs in every worker after each
     batch (tests kill a worker with it).
@@ -117,7 +119,7 @@ def compute_importance_on_ray(
         "model_path": str(Path(model_path).resolve()), "kind": kind, "mode": mode, "fault": fault,
         "channels_last": check_first_row(rows, model, str(data_spec)),
     }
-    plan = plan_chunks(len(rows), batch_size, workers)
+    plan = plan_chunks(len(rows), batch_size, resolve_workers(workers, ensure_ray()))
     result, streaming_seconds = _fit(rows, plan, model, config, str(data_spec), label if progress else None)
     if result is None or result["num_samples"] != len(rows):
         raise RuntimeError(f"distributed importance saw {result and result['num_samples']} of {len(rows)} rows")
@@ -183,7 +185,7 @@ def _trainer(config: dict, datasets: dict, workers: int, use_gpu: bool, per_work
 
 
 def build_importance_store(model_path: str | os.PathLike, data_spec: str | os.PathLike, out: str | os.PathLike,
-                           workers: int = 2, kind: str = "fisher", mode: str = "per_sample", batch_size: int = 64,
+                           workers: int | None = None, kind: str = "fisher", mode: str = "per_sample", batch_size: int = 64,
                            progress: bool = True) -> dict:
     """Compute importance on Ray and write it as an importance store at `out`; returns its meta.
 

@@ -20,6 +20,7 @@ from pipelines.distributed.plan import (
     plan_chunks,
     worker_resources,
 )
+from pipelines.ray_session import resolve_workers
 from tests.conftest import image_table
 
 
@@ -98,3 +99,22 @@ def test_workers_use_the_memory_layout_load_dataset_uses(
     inputs = unlearning.load_dataset(spec).train.inputs
     expected = not inputs.is_contiguous() and inputs.is_contiguous(memory_format=torch.channels_last)
     assert check_first_row(rows, unlearning.load_model(checkpoint), spec) == expected
+
+
+@pytest.mark.parametrize(
+    "requested,cluster,expected",
+    [(None, {"CPU": 8}, 2), (None, {"CPU": 1}, 1), (None, {"CPU": 8, "GPU": 1}, 1), (3, {"CPU": 4}, 3),
+     (2, {"CPU": 2, "GPU": 2}, 2)],
+)
+def test_the_default_worker_count_fits_the_cluster(requested, cluster, expected):
+    assert resolve_workers(requested, cluster) == expected
+
+
+@pytest.mark.parametrize(
+    "requested,cluster,message",
+    [(1000, {"CPU": 2}, "has 2 CPUs, so at most 2 workers"), (2, {"CPU": 16, "GPU": 1}, "has 1 GPU,"),
+     (0, {"CPU": 2}, "at least 1")],
+)
+def test_a_worker_count_the_cluster_cannot_hold_is_refused(requested, cluster, message):
+    with pytest.raises(unlearning.UserError, match=message):
+        resolve_workers(requested, cluster)
