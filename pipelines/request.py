@@ -39,6 +39,19 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def check_device(name: str | None) -> str:
+    """A torch device for in-process work (`cpu`, `cuda`, `cuda:1`); None = the default one."""
+    if name is None:
+        return default_device()
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine")
+    return str(device)
+
+
 @dataclass
 class ForgetOptions:
     """How to process a request (the CLI's `forget`/`search` options)."""

@@ -47,7 +47,8 @@ class SearchConfig:
     reference: str = "full"  # I^D over the full data ("full") or the retained data ("retain")
     target: float | None = None  # forget-accuracy target; None = the request kind's default
     rho: float | None = None
-    parallel: int | None = None  # concurrent trials; None = one per CPU (or GPU)
+    parallel: int | None = None  # concurrent trials; None = one per CPU (or per GPU share)
+    gpus_per_trial: float | None = None  # on GPU clusters; None = 1, a fraction shares a GPU
     # ptn: the walk's settings, defaults from unlearning.search.PTNConfig
     growth: float = PTN_DEFAULTS.growth
     max_steps: int = PTN_DEFAULTS.max_steps
@@ -98,20 +99,29 @@ def load_search_config(path: str | Path) -> SearchConfig:
     return config
 
 
-def trial_resources() -> dict:
-    """One CPU per trial, plus one GPU where the cluster has GPUs."""
+def trial_resources(config: SearchConfig) -> dict:
+    """One CPU per trial, plus `gpus_per_trial` (default 1; a fraction shares a GPU) where the
+    cluster has GPUs; a trial whose GPU CUDA cannot see computes on CPU."""
     import ray
 
-    gpus = ray.cluster_resources().get("GPU", 0)
-    return {"cpu": 1, "gpu": 1} if gpus else {"cpu": 1}
+    if not ray.cluster_resources().get("GPU", 0):
+        return {"cpu": 1}
+    return {"cpu": 1, "gpu": config.gpus_per_trial if config.gpus_per_trial is not None else 1}
 
 
-def default_parallel() -> int:
+def default_parallel(config: SearchConfig) -> int:
+    """Concurrent trials: as many as the cluster's GPUs hold, else one per CPU."""
     import ray
 
     resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
-    return max(1, gpus if gpus else int(resources.get("CPU", 1)))
+    gpus = resources.get("GPU", 0)
+    if gpus:
+        return max(1, int(gpus / trial_resources(config)["gpu"]))
+    return max(1, int(resources.get("CPU", 1)))
+
+
+def trial_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _ptn_trial(config, model, full, forget, schedule, forget_split, normalize, target, chunk_size):
@@ -121,8 +131,7 @@ def _ptn_trial(config, model, full, forget, schedule, forget_split, normalize, t
     from unlearning.search import dampened_copy
 
     torch.set_num_threads(1)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = model.to(device)
+    model = model.to(trial_device())
     start = config["chunk"] * chunk_size
     for step in schedule[start : start + chunk_size]:
         acc = accuracy(dampened_copy(model, full, forget, step), forget_split, normalize)
@@ -162,7 +171,7 @@ def _chunk_searcher(n_chunks: int, chunk_size: int, on_result=None):
     return ChunkSearcher()
 
 
-def _run_tuner(trainable, tune_config, name: str):
+def _run_tuner(trainable, tune_config, name: str, resources: dict):
     # Tune's console reporter (configuration box, result tables) stays out of the user's way.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     from ray import tune
@@ -170,7 +179,7 @@ def _run_tuner(trainable, tune_config, name: str):
     storage = tempfile.mkdtemp(prefix="amnesis-tune-")
     try:
         tuner = tune.Tuner(
-            tune.with_resources(trainable, trial_resources()),
+            tune.with_resources(trainable, resources),
             tune_config=tune_config,
             run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0),
         )
@@ -215,10 +224,10 @@ def parallel_ptn(
     tune_config = tune.TuneConfig(
         search_alg=searcher,
         num_samples=n_chunks,
-        max_concurrent_trials=config.parallel or default_parallel(),
+        max_concurrent_trials=config.parallel or default_parallel(config),
         reuse_actors=True,
     )
-    rows = _run_tuner(trainable, tune_config, "ptn")
+    rows = _run_tuner(trainable, tune_config, "ptn", trial_resources(config))
     evaluated = {int(row["step"]): float(row[PTN_METRIC]) for row in rows}
     path = [(schedule[i], evaluated[i]) for i in sorted(evaluated)]
     answer = first_meeting(path, target)
@@ -245,7 +254,7 @@ def _tpe_trial(config, model, full, forget, forget_split, retain_split, normaliz
     from unlearning.metrics import accuracy
 
     torch.set_num_threads(1)
-    dampened = copy.deepcopy(model)
+    dampened = copy.deepcopy(model).to(trial_device())
     dampen_(dampened, full, forget, config["alpha"], config["lam"])
     forget_acc = accuracy(dampened, forget_split, normalize)
     retain_acc = accuracy(dampened, retain_split, normalize)
@@ -274,10 +283,10 @@ def tpe_search(task: UnlearningTask, config: SearchConfig, target: float) -> tup
     tune_config = tune.TuneConfig(
         search_alg=OptunaSearch(space=space, metric="score", mode="max", seed=config.seed),
         num_samples=config.num_samples,
-        max_concurrent_trials=config.parallel or default_parallel(),
+        max_concurrent_trials=config.parallel or default_parallel(config),
         reuse_actors=True,
     )
-    rows = _run_tuner(trainable, tune_config, "tpe")
+    rows = _run_tuner(trainable, tune_config, "tpe", trial_resources(config))
     best = max(rows, key=lambda r: r["score"])
     trials = [
         {"name": f"{i}", "params": {"alpha": r["config/alpha"], "lambda": r["config/lam"]},

@@ -23,7 +23,7 @@ def default_arch(dataset) -> str:
 
 def train_checkpoint(
     data_spec: str, out: str, arch: str | None = None, epochs: int | None = None, lr: float | None = None,
-    seed: int = 0, progress: bool = True,
+    seed: int = 0, progress: bool = True, device: str | None = None,
 ) -> str:
     """Train an original model (seeded) and write its checkpoint at `out`; returns a summary line."""
     import torch
@@ -47,7 +47,8 @@ def train_checkpoint(
     started = time.perf_counter()
     total = config.epochs * len(dataset.train)
     with tqdm(total=total, desc=f"train {arch}", unit="sample", disable=not progress, leave=False) as bar:
-        train(model, dataset.train, config, normalize, device=default_device(), on_step=lambda n, _: bar.update(n))
+        train(model, dataset.train, config, normalize, device=device or default_device(),
+              on_step=lambda n, _: bar.update(n))
     seconds = time.perf_counter() - started
     meta = model_meta(model)
     meta["train_config"] = config.to_dict()

@@ -100,10 +100,13 @@ def compute_importance_sums(
     kind: str = "fisher",
     mode: str = "batch",
     device: torch.device | str | None = None,
-    per_sample_chunk: int = 64,
+    per_sample_chunk: int | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> ImportanceSums:
     """Partial importance over `batches` as (sum, count); the model is left as it was.
+
+    `per_sample_chunk` samples share one vmap call in per_sample mode (None: as many as
+    `per_sample_chunk_size` allows for this model).
 
     The model is put in eval mode for the pass (BatchNorm uses running statistics) and its
     training flag is restored afterwards; gradients are taken with autograd.grad / torch.func,
@@ -117,6 +120,7 @@ def compute_importance_sums(
         result = empty_sums(model, kind, mode)
         result.sums = {name: s.to(device) for name, s in result.sums.items()}
         step = _batch_step if mode == "batch" else _per_sample_step
+        per_sample_chunk = per_sample_chunk or per_sample_chunk_size(model)
         for inputs, labels in batches:
             inputs, labels = inputs.to(device), labels.to(device).long()
             if len(inputs) == 0:
@@ -131,6 +135,20 @@ def compute_importance_sums(
         return result
     finally:
         model.train(was_training)
+
+
+PER_SAMPLE_BUDGET_BYTES = 1 << 30  # per-sample gradients held at once, per process
+MAX_PER_SAMPLE_CHUNK = 64
+
+
+def per_sample_chunk_size(model: nn.Module, budget_bytes: int = PER_SAMPLE_BUDGET_BYTES) -> int:
+    """Samples per vmap call whose gradients fit in `budget_bytes`: each holds a float32 copy
+    of every trainable parameter, and vmap's intermediates about two more; at most 64.
+
+    64 for the small CNNs here; 1 for ViT-B/16 (86 M parameters: 64 would need ~22 GB).
+    """
+    parameters = sum(p.numel() for p in trainable_parameters(model).values())
+    return max(1, min(MAX_PER_SAMPLE_CHUNK, budget_bytes // (3 * 4 * max(parameters, 1))))
 
 
 def _batch_step(model, kind, inputs, labels, result, _chunk) -> None:

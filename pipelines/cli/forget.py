@@ -49,6 +49,8 @@ def _request_arguments(parser, search_required: bool) -> None:
         help=f"compute the importance of a split (forget set, data) with at least N rows on Ray; "
              f"smaller ones run in this process (default {DEFAULT_RAY_MIN_ROWS})")
     add("--zrf", action="store_true", help="also report ZRF (similarity to a random network on D_f)")
+    add("--device", help="device for the work done in this process: cpu, cuda, cuda:1 "
+                         "(default: cuda if available)")
     parser.set_defaults(func=cmd_forget)
 
 
@@ -62,7 +64,7 @@ def method_list() -> str:
 
 def forget_options(args):
     """The request's ForgetOptions from the command line; UserError on bad combinations."""
-    from pipelines.request import ForgetOptions
+    from pipelines.request import ForgetOptions, check_device
 
     params = dict(args.param or [])
     if args.alpha is not None:
@@ -80,6 +82,7 @@ def forget_options(args):
         batch_size=args.batch_size, seed=args.seed, rho=args.rho, search=args.search,
         track=not args.no_track, model_name=args.model_name, compare_retrain=args.compare_retrain,
         zrf=args.zrf, workers=args.workers, ray_min_rows=args.ray_min_rows, show_progress=not args.quiet,
+        device=check_device(args.device),
     )
 
 

@@ -14,6 +14,7 @@ def add_commands(commands) -> None:
     train.add_argument("--lr", type=float, help="learning rate (default: the architecture's recipe)")
     train.add_argument("--seed", type=int, default=0, help="seed of the initialisation and batch order")
     train.add_argument("--out", required=True, help="checkpoint directory to create")
+    train.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
     train.set_defaults(func=cmd_train)
 
     evaluate = commands.add_parser("evaluate", help="metrics of a checkpoint as JSON")
@@ -27,9 +28,11 @@ def add_commands(commands) -> None:
 
 
 def cmd_train(args) -> int:
+    from pipelines.request import check_device
     from pipelines.train import train_checkpoint
 
-    print(train_checkpoint(args.data, args.out, args.arch, args.epochs, args.lr, args.seed, not args.quiet))
+    device = check_device(args.device)
+    print(train_checkpoint(args.data, args.out, args.arch, args.epochs, args.lr, args.seed, not args.quiet, device))
     return 0
 
 

@@ -135,7 +135,7 @@ def _fit(rows: SplitRows, plan, model, config: dict, where: str, label: str | No
     import ray
 
     cluster = ensure_ray()
-    use_gpu, per_worker, threads = worker_resources(cluster, plan.workers)
+    use_gpu, per_worker, threads = worker_resources(cluster, plan.workers, cuda_on_gpu_nodes(cluster))
     channel = ray.remote(num_cpus=0)(RunChannel).remote()
     meta = model_meta(model)
     datasets = {
@@ -163,6 +163,16 @@ def _fit(rows: SplitRows, plan, model, config: dict, where: str, label: str | No
             display.join()
         ray.kill(channel)
         shutil.rmtree(storage, ignore_errors=True)
+
+
+def cuda_on_gpu_nodes(cluster: dict) -> bool:
+    """Whether CUDA works where the cluster's GPUs are (a task asks for one and looks)."""
+    import ray
+
+    if cluster.get("GPU", 0) <= 0:
+        return False
+    probe = ray.remote(num_gpus=1, num_cpus=0)(torch.cuda.is_available)
+    return bool(ray.get(probe.remote(), timeout=300))
 
 
 def _trainer(config: dict, datasets: dict, workers: int, use_gpu: bool, per_worker: dict, storage: str):

@@ -49,9 +49,13 @@ def plan_chunks(num_rows: int, batch_size: int, workers: int) -> ChunkPlan:
     return ChunkPlan(num_rows, batch_size, chunk_rows, workers)
 
 
-def worker_resources(cluster: dict, workers: int) -> tuple[bool, dict, int]:
-    """(use_gpu, resources per worker, torch threads per worker), explicit for small boxes."""
-    if cluster.get("GPU", 0) > 0:
+def worker_resources(cluster: dict, workers: int, cuda: bool = True) -> tuple[bool, dict, int]:
+    """(use_gpu, resources per worker, torch threads per worker), explicit for small boxes.
+
+    One GPU per worker where the cluster has GPUs and `cuda` (CUDA works on its GPU nodes);
+    otherwise fractional CPUs that leave room for every data actor.
+    """
+    if cluster.get("GPU", 0) > 0 and cuda:
         return True, {"CPU": 1, "GPU": 1}, 1
     data_actors = workers * DATA_ACTORS_PER_WORKER * DATA_TASK_CPUS  # each must fit beside the workers
     spare = max(cluster.get("CPU", 1) - data_actors, 0.1 * workers)

@@ -131,7 +131,8 @@ def importance_worker(config: dict) -> None:
     channel, plan = config["channel"], config["plan"]
     if ray.get(channel.get_user_error.remote()):
         raise UserError("an earlier attempt already failed on the input")  # do not retry input errors
-    device = ray.train.torch.get_device()
+    # a GPU the cluster declares but CUDA cannot see (a CPU node with `num_gpus`): run on CPU
+    device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cpu":
         torch.set_num_threads(config["threads"])
     model = unlearning.load_model(config["model_path"], map_location=device)

@@ -129,3 +129,14 @@ def test_empty_data_is_refused(digits_model):
 def test_unknown_kind_is_refused(digits_model):
     with pytest.raises(unlearning.UserError, match="kind"):
         unlearning.compute_importance(digits_model, [], kind="hessian")
+
+
+def test_per_sample_chunks_follow_the_parameter_count():
+    """64 samples per vmap call for small models; one for a ViT-B-sized one (64 would need ~22 GB)."""
+    from unlearning.importance import per_sample_chunk_size
+
+    small = unlearning.new_model("small_cnn", 10, (1, 8, 8), seed=0)
+    assert per_sample_chunk_size(small) == 64
+    vit_sized = torch.nn.Linear(9300, 9300)  # 86.5 M parameters, as ViT-B/16
+    assert per_sample_chunk_size(vit_sized) == 1
+    assert per_sample_chunk_size(vit_sized, budget_bytes=8 * 1024**3) == 8
