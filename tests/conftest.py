@@ -147,3 +147,19 @@ def parquet_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("models") / "parquet-cnn"
     unlearning.save_model(model, path)
     return path
+
+
+def assert_parallel_ptn_is_the_sequential_walk(task, config) -> list:
+    """The PTN walk on Ray Tune reaches the sequential loop's answer by the same path."""
+    from pipelines.search import parallel_ptn, search_target
+    from unlearning.search import ptn_schedule, sequential_search
+
+    target = search_target(task, config)
+    full, forget = task.importance("full", "fisher"), task.importance("forget", "fisher")
+    schedule = ptn_schedule(full, forget, task.forget_fraction)
+    sequential = sequential_search(task.model, full, forget, schedule, task.forget_accuracy, target)
+    parallel, trials = parallel_ptn(task, config, target)
+    assert sequential.reached and parallel.step == sequential.step
+    assert [(s.index, acc) for s, acc in parallel.path] == [(s.index, acc) for s, acc in sequential.path]
+    assert len(trials) >= len(sequential.path)
+    return trials

@@ -11,9 +11,9 @@ import pytest
 import unlearning
 from pipelines.distributed import compute_importance_on_ray
 from pipelines.request import ForgetOptions, prepare_request
-from pipelines.search import SearchConfig, parallel_ptn, search_target, trial_resources
+from pipelines.search import SearchConfig, trial_resources
+from tests.conftest import assert_parallel_ptn_is_the_sequential_walk
 from unlearning.checkpoint import model_meta
-from unlearning.search import ptn_schedule, sequential_search
 
 pytestmark = pytest.mark.ray
 
@@ -53,10 +53,4 @@ def test_ptn_trials_ask_for_the_gpu_and_give_the_sequential_answer(digits_checkp
     task = prepared.task
     config = SearchConfig(chunk_size=4, gpus_per_trial=0.5)
     assert trial_resources(config) == {"cpu": 1, "gpu": 0.5}
-    target = search_target(task, config)
-    full, forget = task.importance("full", "fisher"), task.importance("forget", "fisher")
-    schedule = ptn_schedule(full, forget, task.forget_fraction)
-    sequential = sequential_search(task.model, full, forget, schedule, task.forget_accuracy, target)
-    parallel, _ = parallel_ptn(task, config, target)
-    assert sequential.reached and parallel.step == sequential.step
-    assert [(s.index, acc) for s, acc in parallel.path] == [(s.index, acc) for s, acc in sequential.path]
+    assert_parallel_ptn_is_the_sequential_walk(task, config)

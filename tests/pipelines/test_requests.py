@@ -16,8 +16,8 @@ import unlearning
 from pipelines.cli import main
 from pipelines.ray_session import ensure_ray
 from pipelines.request import ForgetOptions, prepare_request
-from pipelines.search import SearchConfig, parallel_ptn, search_target
-from unlearning.search import ptn_schedule, sequential_search
+from pipelines.search import SearchConfig
+from tests.conftest import assert_parallel_ptn_is_the_sequential_walk
 
 PTN_CONFIG = Path(__file__).resolve().parents[2] / "tune_configs" / "ptn.yaml"
 
@@ -91,15 +91,7 @@ def test_two_requests_in_a_row_give_a_lineage_of_two_versions(tmp_path, capsys, 
 def test_parallel_ptn_equals_the_sequential_loop(digits_checkpoint, spec):
     prepared = prepare_request(str(digits_checkpoint), "digits", spec, ForgetOptions(track=False, device="cpu"))
     task = prepared.task
-    config = SearchConfig(chunk_size=3, parallel=2)
-    target = search_target(task, config)
-    full, forget = task.importance("full", "fisher"), task.importance("forget", "fisher")
-    schedule = ptn_schedule(full, forget, task.forget_fraction)
-    sequential = sequential_search(task.model, full, forget, schedule, task.forget_accuracy, target)
-    parallel, trials = parallel_ptn(task, config, target)
-    assert sequential.reached and parallel.step == sequential.step
-    assert [(s.index, acc) for s, acc in parallel.path] == [(s.index, acc) for s, acc in sequential.path]
-    assert len(trials) >= len(sequential.path)
+    assert_parallel_ptn_is_the_sequential_walk(task, SearchConfig(chunk_size=3, parallel=2))
 
 
 def test_search_command_with_tpe_logs_each_trial_as_a_nested_run(tmp_path, capsys, digits_checkpoint):
