@@ -18,6 +18,7 @@ import os
 # 2-core machine) outweighs what 2 workers save below about this size (implementation-notes).
 DEFAULT_RAY_MIN_ROWS = 10_000
 DEFAULT_WORKERS = 2  # when the user names no worker count (capped at what the cluster holds)
+STORAGE_ENV = "AMNESIS_RAY_STORAGE"  # Ray Train/Tune storage: shared on multi-node clusters
 
 
 def available_cpus() -> int:
@@ -76,3 +77,24 @@ def resolve_workers(requested: int | None, cluster: dict) -> int:
             f"so at most {most} workers can run"
         )
     return requested
+
+
+def run_storage(prefix: str) -> tuple[str, bool]:
+    """(storage path for a Ray Train or Tune run, whether it is a temporary directory to delete).
+
+    `AMNESIS_RAY_STORAGE` (or `--storage`) names a directory every node can reach, a shared
+    file system or an object-store URI such as s3://bucket/amnesis, as Ray requires on
+    multi-node clusters; without it, a temporary local directory does for a one-node cluster.
+    """
+    import tempfile
+
+    configured = os.environ.get(STORAGE_ENV)
+    if configured:
+        return configured, False
+    return tempfile.mkdtemp(prefix=prefix), True
+
+
+def set_storage(path: str | None) -> None:
+    """`--storage PATH`: this process's Ray runs keep their state under PATH."""
+    if path:
+        os.environ[STORAGE_ENV] = path

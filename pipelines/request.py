@@ -148,7 +148,7 @@ def prepare_request(
         from pipelines.distributed import RayImportanceBackend
 
         task.importance_backend = RayImportanceBackend(
-            model_path, data_spec, training_ids, dataset.fingerprint, options.workers,
+            model, data_spec, training_ids, dataset.fingerprint, options.workers,
             options.ray_min_rows, options.show_progress,
         )
     return PreparedRequest(model, dataset, forget, task, store_meta)

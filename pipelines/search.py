@@ -16,12 +16,12 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 
+from pipelines.ray_session import ensure_ray, run_storage
 from unlearning.errors import UserError
 from unlearning.methods import MethodOutput, UnlearningTask
 from unlearning.search import (
@@ -176,7 +176,7 @@ def _run_tuner(trainable, tune_config, name: str, resources: dict):
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     from ray import tune
 
-    storage = tempfile.mkdtemp(prefix="amnesis-tune-")
+    storage, temporary = run_storage("amnesis-tune-")
     try:
         tuner = tune.Tuner(
             tune.with_resources(trainable, resources),
@@ -193,7 +193,8 @@ def _run_tuner(trainable, tune_config, name: str, resources: dict):
                 rows.extend(frame.to_dict("records"))
         return rows
     finally:
-        shutil.rmtree(storage, ignore_errors=True)
+        if temporary:
+            shutil.rmtree(storage, ignore_errors=True)
 
 
 def parallel_ptn(
@@ -201,8 +202,6 @@ def parallel_ptn(
 ) -> tuple[SearchResult, list[dict]]:
     """The PTN walk on Ray Tune; returns the same answer as unlearning.search.sequential_search."""
     from ray import tune
-
-    from pipelines.ray_session import ensure_ray
 
     ensure_ray()
     full = task.importance(config.reference, config.importance_kind)
@@ -267,8 +266,6 @@ def tpe_search(task: UnlearningTask, config: SearchConfig, target: float) -> tup
     """alpha/lambda TPE (Optuna through Tune): best retained accuracy with forget acc <= target."""
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
-
-    from pipelines.ray_session import ensure_ray
 
     ensure_ray()
     full = task.importance(config.reference, config.importance_kind)

@@ -49,6 +49,8 @@ def _request_arguments(parser, search_required: bool) -> None:
         help=f"compute the importance of a split (forget set, data) with at least N rows on Ray; "
              f"smaller ones run in this process (default {DEFAULT_RAY_MIN_ROWS})")
     add("--zrf", action="store_true", help="also report ZRF (similarity to a random network on D_f)")
+    add("--storage", help="Ray Train/Tune storage every node reaches (default: AMNESIS_RAY_STORAGE, "
+                          "else a temporary local directory)")
     add("--device", help="device for the work done in this process: cpu, cuda, cuda:1 "
                          "(default: cuda if available)")
     parser.set_defaults(func=cmd_forget)
@@ -88,10 +90,12 @@ def forget_options(args):
 
 def cmd_forget(args) -> int:
     from pipelines.progress import StepProgress
+    from pipelines.ray_session import set_storage
     from pipelines.request import run_forget
     from pipelines.summary import print_report
 
     options = forget_options(args)
+    set_storage(args.storage)
     if not args.importance:
         print(
             "note: no --importance store given, so the full-data importance is computed now; "

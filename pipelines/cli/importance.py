@@ -17,14 +17,19 @@ def add_commands(commands) -> None:
     parser.add_argument("--mode", choices=MODES, default="per_sample",
                         help="per_sample (exact) or batch (the papers')")
     parser.add_argument("--batch-size", type=int, default=64, help="batch size (default 64)")
+    parser.add_argument("--storage", help="Ray Train storage every node reaches: a shared directory or "
+                                          "an object-store URI (default: AMNESIS_RAY_STORAGE, else a temporary "
+                                          "local directory, enough on one node)")
     parser.set_defaults(func=cmd_importance)
 
 
 def cmd_importance(args) -> int:
     """Build the store, print one summary line; UserError on bad input."""
     from pipelines.distributed import build_importance_store
+    from pipelines.ray_session import set_storage
     from pipelines.train import store_summary
 
+    set_storage(args.storage)
     meta = build_importance_store(
         args.model, args.data, args.out, workers=args.workers, kind=args.kind, mode=args.mode,
         batch_size=args.batch_size, progress=not args.quiet,

@@ -24,7 +24,7 @@ class RayImportanceBackend:
 
     def __init__(
         self,
-        model_path: str | os.PathLike,
+        model: str | os.PathLike | torch.nn.Module,
         data_spec: str,
         train_ids: torch.Tensor,
         dataset_fingerprint: str,
@@ -32,7 +32,7 @@ class RayImportanceBackend:
         min_rows: int = DEFAULT_RAY_MIN_ROWS,
         progress: bool = True,
     ):
-        self.model_path, self.data_spec = str(model_path), str(data_spec)
+        self.model, self.data_spec = model, str(data_spec)  # a module goes through the object store
         self.fingerprint, self.workers, self.min_rows, self.progress = dataset_fingerprint, workers, min_rows, progress
         ids = np.asarray(train_ids, dtype=np.int64)
         self._order = np.argsort(ids, kind="stable")
@@ -55,7 +55,7 @@ class RayImportanceBackend:
             return None  # Ray workers form batches in training-row order; this split is in another
         started = time.monotonic()
         sums = compute_importance_on_ray(
-            self.model_path, self.data_spec, self.workers, kind, mode, batch_size,
+            self.model, self.data_spec, self.workers, kind, mode, batch_size,
             progress=self.progress, positions=np.sort(positions), label=f"importance of {len(split)} rows",
         )
         if sums.meta["dataset_fingerprint"] != self.fingerprint:

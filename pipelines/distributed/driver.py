@@ -8,9 +8,9 @@ the end, so a restart simply recomputes. See docs/implementation-notes.md.
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
-import tempfile
 import threading
 import time
 import uuid
@@ -23,7 +23,7 @@ import unlearning
 from pipelines.distributed.data_stage import rank_dataset
 from pipelines.distributed.plan import plan_chunks, worker_resources
 from pipelines.distributed.worker import RunChannel, importance_worker
-from pipelines.ray_session import ensure_ray, resolve_workers
+from pipelines.ray_session import ensure_ray, resolve_workers, run_storage
 from unlearning.checkpoint import model_meta
 from unlearning.data import SplitRows, decode_rows, open_source
 from unlearning.errors import UserError
@@ -87,7 +87,7 @@ def show_progress(channel, total: int, stop: threading.Event, label: str) -> Non
 
 
 def compute_importance_on_ray(
-    model_path: str | os.PathLike,
+    model: str | os.PathLike | torch.nn.Module,
     data_spec: str | os.PathLike,
     workers: int | None = None,
     kind: str = "fisher",
@@ -98,7 +98,9 @@ def compute_importance_on_ray(
     label: str = "importance",
     fault=None,
 ) -> unlearning.ImportanceSums:
-    """Importance (sum, count) of the model at `model_path` over the training split of `data_spec`.
+    """Importance (sum, count) of `model` (a module, or a checkpoint path read on the driver)
+    over the training split of `data_spec`. The model reaches the workers through Ray's object
+    store, never as a path on the driver's disk.
 
     Equal to `unlearning.compute_importance_sums(model, split.batches(batch_size), kind, mode)`
     in one process, for any number of workers (float64 sums; 1e-6 relative or better).
@@ -109,15 +111,14 @@ def compute_importance_on_ray(
     batch (tests kill a worker with it).
     """
     check_arguments(workers, kind, mode, batch_size)
-    model = unlearning.load_model(model_path)
+    model = model if isinstance(model, torch.nn.Module) else unlearning.load_model(model)
     rows, fingerprint = training_rows(data_spec)
     if positions is not None:
         if len(positions) == 0:
             raise UserError(f"{data_spec}: no training rows selected")
         rows = rows.select(positions)
     config = {
-        "model_path": str(Path(model_path).resolve()), "kind": kind, "mode": mode, "fault": fault,
-        "channels_last": check_first_row(rows, model, str(data_spec)),
+        "kind": kind, "mode": mode, "fault": fault, "channels_last": check_first_row(rows, model, str(data_spec)),
     }
     plan = plan_chunks(len(rows), batch_size, resolve_workers(workers, ensure_ray()))
     result, streaming_seconds = _fit(rows, plan, model, config, str(data_spec), label if progress else None)
@@ -142,8 +143,9 @@ def _fit(rows: SplitRows, plan, model, config: dict, where: str, label: str | No
         f"rank{rank}": rank_dataset(rank, rows, plan, meta.get("normalize"), meta["num_classes"], where)
         for rank in range(plan.workers)
     }
-    storage = tempfile.mkdtemp(prefix="amnesis-importance-")
-    trainer = _trainer({**config, "channel": channel, "plan": plan, "threads": threads},
+    storage, temporary = run_storage("amnesis-importance-")
+    model_ref = ray.put(model if _on_cpu(model) else copy.deepcopy(model).cpu())
+    trainer = _trainer({**config, "model": model_ref, "channel": channel, "plan": plan, "threads": threads},
                        datasets, plan.workers, use_gpu, per_worker, storage)
     stop, display = threading.Event(), None
     if label is not None:
@@ -162,7 +164,12 @@ def _fit(rows: SplitRows, plan, model, config: dict, where: str, label: str | No
         if display is not None:
             display.join()
         ray.kill(channel)
-        shutil.rmtree(storage, ignore_errors=True)
+        if temporary:
+            shutil.rmtree(storage, ignore_errors=True)
+
+
+def _on_cpu(model: torch.nn.Module) -> bool:
+    return all(t.device.type == "cpu" for t in model.state_dict().values())
 
 
 def cuda_on_gpu_nodes(cluster: dict) -> bool:
@@ -204,8 +211,8 @@ def build_importance_store(model_path: str | os.PathLike, data_spec: str | os.Pa
     if Path(out).exists():
         raise UserError(f"{out} already exists; choose a new output path (nothing is overwritten)")
     started = time.monotonic()
-    sums = compute_importance_on_ray(model_path, data_spec, workers, kind, mode, batch_size, progress)
     model = unlearning.load_model(model_path)
+    sums = compute_importance_on_ray(model, data_spec, workers, kind, mode, batch_size, progress)
     return unlearning.save_importance(
         sums,
         out,

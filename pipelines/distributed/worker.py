@@ -135,7 +135,7 @@ def importance_worker(config: dict) -> None:
     device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cpu":
         torch.set_num_threads(config["threads"])
-    model = unlearning.load_model(config["model_path"], map_location=device)
+    model = ray.get(config["model"]).to(device)  # from the object store: no path on the driver's disk
     shard = ray.train.get_dataset_shard(f"rank{rank}")
     batches = whole_batches(shard, plan) if config["mode"] == "batch" else any_batches(shard, plan.batch_size)
     if config["channels_last"]:  # the same memory layout as load_dataset's, hence the same rounding

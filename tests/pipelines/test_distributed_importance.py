@@ -187,3 +187,22 @@ def test_forget_command_without_a_store_computes_the_full_importance_on_ray(ray_
     assert in_process["importance"]["on_ray"] == []
     for name in ("forget_acc", "retain_acc", "test_acc"):  # the same dampening, up to float rounding
         assert on_ray["metrics"][name] == pytest.approx(in_process["metrics"][name], abs=1 / 300)
+
+
+def test_the_model_reaches_workers_through_the_object_store_and_storage_is_kept(
+    ray_session, digits_checkpoint, tmp_path, monkeypatch
+):
+    """The checkpoint is gone before the run starts; the Ray Train state lands in the storage."""
+    import shutil
+
+    copy = tmp_path / "model"
+    shutil.copytree(digits_checkpoint, copy)
+    model = unlearning.load_model(copy)
+    shutil.rmtree(copy)  # a worker that looked for a path on the driver's disk would fail
+    storage = tmp_path / "storage"
+    monkeypatch.setenv("AMNESIS_RAY_STORAGE", str(storage))
+    distributed = compute_importance_on_ray(
+        model, "digits", kind="fisher", mode="batch", batch_size=DIGITS_BATCH, progress=False
+    )
+    assert_sums_match(distributed, single_process(digits_checkpoint, "digits", "fisher", "batch", DIGITS_BATCH))
+    assert [p.name.startswith("importance-") for p in storage.iterdir()] == [True]
