@@ -1,7 +1,7 @@
 """A forget request sent to a real local Ray head with `ray job submit`.
 
-The module starts its own head on loopback (`ray start --head`) and stops it with `ray stop`,
-which ends every Ray process on the machine: do not run it beside other Ray work.
+The module starts its own head on loopback (`ray start --head --block`) and stops only that
+head (SIGINT to its process), never `ray stop`, which would end every Ray process here.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -35,20 +36,41 @@ def ray_env() -> dict:
 
 
 @pytest.fixture(scope="module")
-def ray_head():
+def ray_head(tmp_path_factory):
+    """A Ray head on loopback in a `ray start --block` process of its own; SIGINT stops just it."""
     import ray
 
     if ray.is_initialized():
         ray.shutdown()
     dashboard = free_port()
-    command = [str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(free_port()),
-               "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", "2",
-               "--disable-usage-stats"]
-    subprocess.run(command, check=True, env=ray_env(), capture_output=True, timeout=180)
+    command = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+               "--port", str(free_port()), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
+               "--num-cpus", "2", "--disable-usage-stats"]
+    log = open(tmp_path_factory.mktemp("ray-head") / "ray-start.log", "w")
+    head = subprocess.Popen(command, env=ray_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
+        wait_for_dashboard(head, dashboard)
         yield f"http://127.0.0.1:{dashboard}"
     finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=ray_env(), capture_output=True, timeout=120)
+        head.send_signal(signal.SIGINT)  # `ray start --block` stops the processes it started
+        try:
+            head.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        log.close()
+
+
+def wait_for_dashboard(head: subprocess.Popen, port: int, timeout: float = 180) -> None:
+    """Until the head's dashboard (the job server) accepts connections on loopback."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert head.poll() is None, "ray start --head ended early"
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+            return
+        except OSError:
+            time.sleep(1)
+    raise AssertionError("the Ray head's dashboard never answered")
 
 
 def ray_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
