@@ -30,9 +30,7 @@ from unlearning.search import (
     SearchResult,
     Step,
     first_meeting,
-    forget_target,
     ptn_schedule,
-    request_rho,
 )
 
 PTN_METRIC = "forget_acc"
@@ -293,23 +291,11 @@ def tpe_search(task: UnlearningTask, config: SearchConfig, target: float) -> tup
     return {"alpha": best["config/alpha"], "lam": best["config/lam"], "feasible": bool(best["feasible"])}, trials
 
 
-def search_target(task: UnlearningTask, config: SearchConfig) -> float:
-    if config.target is not None:
-        return config.target
-    rho = request_rho(task.forget.kind, config.rho if config.rho is not None else task.rho)
-    return forget_target(
-        task.forget.kind,
-        original_test_acc=task.original_accuracy("test"),
-        original_forget_acc=task.original_accuracy("forget") if rho is not None else None,
-        rho=rho,
-    )
-
-
 def run_search(task: UnlearningTask, config: SearchConfig, progress=None) -> tuple[str, MethodOutput, list[dict]]:
     """Search, then apply the chosen dampening: (method name, output, trials for MLflow)."""
     from unlearning.dampening import ssd
 
-    target = search_target(task, config)
+    target = task.search_target(config.target, config.rho)
     if config.search == "ptn":
         result, trials = parallel_ptn(task, config, target, progress)
         chosen: Step = result.step or result.path[-1][0]
@@ -328,7 +314,7 @@ def run_search(task: UnlearningTask, config: SearchConfig, progress=None) -> tup
     full = task.importance(config.reference, config.importance_kind)
     forget = task.importance("forget", config.importance_kind)
     model = ssd(task.model, full, forget, alpha, lam)
-    rho = request_rho(task.forget.kind, config.rho if config.rho is not None else task.rho)
+    rho = task.search_rho(config.rho)
     params = {"alpha": alpha, "lambda": lam, "kind": config.importance_kind, "target": target,
               "rho": rho, "reference": config.reference, **extra}
     return config.search, MethodOutput(model, params, details), trials

@@ -151,10 +151,10 @@ def parquet_checkpoint(tmp_path_factory):
 
 def assert_parallel_ptn_is_the_sequential_walk(task, config) -> list:
     """The PTN walk on Ray Tune reaches the sequential loop's answer by the same path."""
-    from pipelines.search import parallel_ptn, search_target
+    from pipelines.search import parallel_ptn
     from unlearning.search import ptn_schedule, sequential_search
 
-    target = search_target(task, config)
+    target = task.search_target(config.target, config.rho)
     full, forget = task.importance("full", "fisher"), task.importance("forget", "fisher")
     schedule = ptn_schedule(full, forget, task.forget_fraction)
     sequential = sequential_search(task.model, full, forget, schedule, task.forget_accuracy, target)

@@ -92,13 +92,11 @@ def ptn_speed(result, task, args, scale, fisher) -> None:
 
 def sequential_ptn(task, fisher) -> tuple[dict, object, float]:
     """(figures, the search result, the target) of the sequential walk with PTNConfig's defaults."""
-    from unlearning.search import forget_target, ptn_schedule, sequential_search
+    from unlearning.search import ptn_schedule, sequential_search
 
     forget_importance = task.importance("forget", "fisher")
     schedule = ptn_schedule(fisher, forget_importance, task.forget_fraction)
-    # the request kind's forget-accuracy target (docs/methods.md#forget-targets)
-    original_test_acc = task.original_accuracy("test") if task.forget.kind != "class" else None
-    target = forget_target(task.forget.kind, original_test_acc=original_test_acc)
+    target = task.search_target()  # the request kind's (docs/methods.md#forget-targets)
     started = time.perf_counter()
     found = sequential_search(task.model, fisher, forget_importance, schedule, task.forget_accuracy, target)
     seconds = time.perf_counter() - started

@@ -9,9 +9,7 @@ from unlearning.methods.task import UnlearningTask
 from unlearning.search import (
     PTN_DEFAULTS,
     PTNConfig,
-    forget_target,
     ptn_schedule,
-    request_rho,
     sequential_search,
 )
 
@@ -77,14 +75,7 @@ def ptn_method(
     """
     if reference not in ("full", "retain"):
         raise UserError(f"ptn reference must be 'full' or 'retain', got {reference!r}")
-    rho = request_rho(task.forget.kind, rho if rho is not None else task.rho)
-    if target is None:
-        target = forget_target(
-            task.forget.kind,
-            original_test_acc=task.original_accuracy("test"),
-            original_forget_acc=task.original_accuracy("forget") if rho is not None else None,
-            rho=rho,
-        )
+    rho, target = task.search_rho(rho), task.search_target(target, rho)
     full = task.importance(reference, kind)
     forget = task.importance("forget", kind)
     walk = PTNConfig(growth=growth, max_steps=max_steps, start_divisor=start_divisor)

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from unlearning.data import Dataset, ForgetSet, Split
 from unlearning.importance import ImportanceSums, compute_importance_sums
 from unlearning.metrics import accuracy, predict_logits
+from unlearning.search import forget_target, request_rho
 from unlearning.training import TrainConfig
 
 
@@ -127,6 +128,22 @@ class UnlearningTask:
                 mix = per_class[groups_forget]
                 self.cache[key] = float(mix[~torch.isnan(mix)].mean())
         return self.cache[key]
+
+    def search_rho(self, rho: float | None = None) -> float | None:
+        """The rho of a poison-style target: `rho`, else the request's, else the poison default."""
+        return request_rho(self.forget.kind, rho if rho is not None else self.rho)
+
+    def search_target(self, target: float | None = None, rho: float | None = None) -> float:
+        """The forget-accuracy target a search aims at (docs/methods.md#forget-targets)."""
+        if target is not None:
+            return target
+        rho = self.search_rho(rho)
+        return forget_target(
+            self.forget.kind,
+            original_test_acc=self.original_accuracy("test"),
+            original_forget_acc=self.original_accuracy("forget") if rho is not None else None,
+            rho=rho,
+        )
 
     def forget_accuracy(self, model: nn.Module) -> float:
         return accuracy(model, self.forget_split, self.normalize)
