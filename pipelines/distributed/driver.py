@@ -120,8 +120,9 @@ def compute_importance_on_ray(
     config = {
         "kind": kind, "mode": mode, "fault": fault, "channels_last": check_first_row(rows, model, str(data_spec)),
     }
-    plan = plan_chunks(len(rows), batch_size, resolve_workers(workers, ensure_ray()))
-    result, streaming_seconds = _fit(rows, plan, model, config, str(data_spec), label if progress else None)
+    cluster = ensure_ray()
+    plan = plan_chunks(len(rows), batch_size, resolve_workers(workers, cluster))
+    result, streaming_seconds = _fit(rows, plan, model, config, cluster, str(data_spec), label if progress else None)
     if result is None or result["num_samples"] != len(rows):
         raise RuntimeError(f"distributed importance saw {result and result['num_samples']} of {len(rows)} rows")
     return unlearning.ImportanceSums(
@@ -131,11 +132,10 @@ def compute_importance_on_ray(
     )
 
 
-def _fit(rows: SplitRows, plan, model, config: dict, where: str, label: str | None):
+def _fit(rows: SplitRows, plan, model, config: dict, cluster: dict, where: str, label: str | None):
     """Run the worker group; returns (rank 0's all-reduced result, streaming seconds)."""
     import ray
 
-    cluster = ensure_ray()
     use_gpu, per_worker, threads = worker_resources(cluster, plan.workers, cuda_on_gpu_nodes(cluster))
     channel = ray.remote(num_cpus=0)(RunChannel).remote()
     meta = model_meta(model)

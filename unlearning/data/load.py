@@ -42,7 +42,11 @@ def load_split(rows: SplitRows, where: str) -> Split:
 
 def load_source(source: RowSource) -> Dataset:
     where = source.spec
-    train, test = load_split(source.train, where), load_split(source.test, where)
+    if source.held_out:  # both splits live in one table: read and decode it once
+        whole = load_split(SplitRows(source.train.table), where)
+        train, test = (whole.subset(torch.from_numpy(rows.file_rows())) for rows in (source.train, source.test))
+    else:
+        train, test = load_split(source.train, where), load_split(source.test, where)
     _check_ids(source, train, test)
     for split in (train, test):
         if len(split) and int(split.labels.min()) < 0:
