@@ -10,8 +10,13 @@ Both decode PNGs and normalise. Reported per run:
   streaming rows/s    from the first batch ready on any worker to the last worker done
   peak RSS            driver, Train workers, Ray Data actors: VmHWM (counts object-store pages
                       a process has mapped) and the highest private RssAnon sampled (its heap)
+  page faults         minor page faults of the Train workers, per row (their whole lives)
+With several modes (--mode batch per_sample) the pipeline runs each with the same workers, one
+after the other, and prints each mode's rows/s against the first's.
 
     .venv/bin/python -m benchmarks.importance_throughput            # all 50,000 training rows
+    .venv/bin/python -m benchmarks.importance_throughput --rows 10000 --workers 2 --no-bare \
+        --mode batch per_sample                                     # per-sample against batch
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +47,8 @@ CIFAR_NORMALIZE = {"mean": [0.4914, 0.4822, 0.4465], "std": [0.247, 0.2435, 0.26
 
 
 def _processes():
-    """(pid, title, peak RSS, current private RSS) in MiB of every readable process, from /proc.
+    """(pid, title, peak RSS, current private RSS, minor page faults) of every readable process,
+    from /proc; RSS in MiB.
 
     Peak RSS (VmHWM) counts shared pages too, including Ray's object store mapped into a
     process that reads from it; private RSS (RssAnon) is the process's own heap.
@@ -53,19 +59,23 @@ def _processes():
         try:
             title = (entry / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
             status = (entry / "status").read_text()
+            stat = (entry / "stat").read_text()
         except OSError:
             continue
         fields = {line.split(":")[0]: line.split()[1] for line in status.splitlines() if line.startswith(("VmHWM:", "RssAnon:"))}
+        minor_faults = int(stat.rsplit(")", 1)[1].split()[7])  # field 10 of /proc/PID/stat
         if len(fields) == 2:
-            yield int(entry.name), title, int(fields["VmHWM"]) / 1024, int(fields["RssAnon"]) / 1024
+            yield int(entry.name), title, int(fields["VmHWM"]) / 1024, int(fields["RssAnon"]) / 1024, minor_faults
 
 
 class PeakRss:
-    """Samples peak RSS (VmHWM) and private RSS (RssAnon) of this process and Ray's workers, 5/s."""
+    """Samples peak RSS (VmHWM), private RSS (RssAnon) and minor page faults of this process
+    and Ray's workers, 5/s."""
 
     def __init__(self):
         self.peaks: dict[str, float] = {}
         self.private: dict[str, float] = {}  # highest RssAnon seen
+        self._faults: dict[tuple[str, int], int] = {}  # (kind, pid): last count seen
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -81,13 +91,19 @@ class PeakRss:
 
     def _run(self):
         while True:
-            for pid, title, peak, private in _processes():
+            for pid, title, peak, private, minor_faults in _processes():
                 kind = self._kind(pid, title)
                 if kind:
                     self.peaks[kind] = max(self.peaks.get(kind, 0.0), peak)
                     self.private[kind] = max(self.private.get(kind, 0.0), private)
+                    self._faults[kind, pid] = minor_faults
             if self._stop.wait(0.2):
                 return
+
+    def faults(self, kind: str) -> int:
+        """Minor page faults of every `kind` process seen, as last sampled (a process that
+        exits loses its last 0.2 s; the driver's count includes everything before)."""
+        return sum(count for (seen, _), count in self._faults.items() if seen == kind)
 
     def __enter__(self):
         self._thread.start()
@@ -193,13 +209,16 @@ def ray_run(setup: Setup, n_workers: int, bare_rate: float, reference) -> dict:
         seconds = time.perf_counter() - started
     streaming = sums.meta["seconds_streaming"]
     peaks, private = memory.peaks, memory.private
+    worker_faults = memory.faults("train_worker")
     result = {
-        "variant": f"ray, {n_workers} worker(s)", "workers": n_workers, "seconds": seconds,
-        "rows_per_s": rows / seconds, "streaming_seconds": streaming, "streaming_rows_per_s": rows / streaming,
-        "peak_rss_mib": peaks, "peak_private_mib": private, "baseline": False,
+        "variant": f"ray, {n_workers} worker(s)", "workers": n_workers, "mode": setup.mode,
+        "seconds": seconds, "rows_per_s": rows / seconds, "streaming_seconds": streaming,
+        "streaming_rows_per_s": rows / streaming, "peak_rss_mib": peaks, "peak_private_mib": private,
+        "worker_minor_faults": worker_faults, "baseline": False,
     }
-    line = (f"ray, {n_workers} worker(s): {seconds:7.1f} s  end-to-end {rows / seconds:7.1f} rows/s; "
-            f"streaming {streaming:6.1f} s {rows / streaming:7.1f} rows/s")
+    line = (f"ray, {n_workers} worker(s), {setup.mode}: {seconds:7.1f} s  end-to-end {rows / seconds:7.1f} rows/s; "
+            f"streaming {streaming:6.1f} s {rows / streaming:7.1f} rows/s; "
+            f"worker page faults {worker_faults / rows:,.0f}/row")
     if reference is not None:
         result["vs_bare_end_to_end"] = rows / seconds / bare_rate
         result["vs_bare_streaming"] = rows / streaming / bare_rate
@@ -213,11 +232,24 @@ def ray_run(setup: Setup, n_workers: int, bare_rate: float, reference) -> dict:
     return result
 
 
+def compare_modes(results: list[dict], print_fn: Callable = print) -> None:
+    """Each mode's pipeline rows/s against the first mode's with the same workers, in place."""
+    for result in results:
+        first = next((r for r in results if "mode" in r and r["workers"] == result.get("workers")), None)
+        if first is None or result is first:
+            continue
+        end_to_end = result["rows_per_s"] / first["rows_per_s"]
+        streaming = result["streaming_rows_per_s"] / first["streaming_rows_per_s"]
+        result[f"vs_{first['mode']}_end_to_end"], result[f"vs_{first['mode']}_streaming"] = end_to_end, streaming
+        print_fn(f"{result['variant']}, {result['mode']} against {first['mode']}: {end_to_end:.2f}x end-to-end, "
+                 f"{streaming:.2f}x streaming")
+
+
 def measure(
     rows: int = 50_000,
     batch_size: int = 64,
     kind: str = "fisher",
-    mode: str = "batch",
+    mode: str | list[str] = "batch",
     workers: list[int] | tuple[int, ...] = (1, 2),
     print_fn=print,
     bare: bool = True,
@@ -225,21 +257,27 @@ def measure(
 ) -> list[dict]:
     """Run every variant once; one dict per variant (the bare loop's best is the baseline).
 
-    `data` is a CIFAR-10 directory with train.parquet and test.parquet.
+    `data` is a CIFAR-10 directory with train.parquet and test.parquet. With a list of modes the
+    bare loop runs the first, and the pipeline every mode with each number of workers.
     """
+    modes = [mode] if isinstance(mode, str) else list(mode)
     cores = available_cpus()
     scratch = Path(tempfile.mkdtemp(prefix="amnesis-bench-"))
     try:
         model = unlearning.new_model("resnet_small", 10, (3, 32, 32), CIFAR_NORMALIZE, seed=0, width=16)
-        setup = Setup(scratch / "model", make_subset(rows, scratch, Path(data)), rows, kind, mode, batch_size, print_fn)
+        data = make_subset(rows, scratch, Path(data))
+        setup = Setup(scratch / "model", data, rows, kind, modes[0], batch_size, print_fn)
         unlearning.save_model(model, setup.model)
-        print_fn(f"{rows} CIFAR-10 rows, resnet_small w16, {kind}/{mode}, batch {batch_size}, {cores} cores")
+        print_fn(f"{rows} CIFAR-10 rows, resnet_small w16, {kind}/{'+'.join(modes)}, batch {batch_size}, {cores} cores")
         # The baseline is the bare loop's best thread count within the same cores: on a loaded
         # machine OpenMP threads that outnumber the free cores can be several times slower.
         # Without the bare loop (bare=False, a memory sweep) there is no baseline.
         results, bare_rate, reference = bare_runs(setup, cores) if bare else ([], 0.0, None)
         ensure_ray()
-        results += [ray_run(setup, n_workers, bare_rate, reference) for n_workers in workers]
+        for n_workers in workers:  # the bare loop ran the first mode only
+            results.append(ray_run(setup, n_workers, bare_rate, reference))
+            results += [ray_run(replace(setup, mode=other), n_workers, 0.0, None) for other in modes[1:]]
+        compare_modes(results, print_fn)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return results
@@ -250,7 +288,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=50_000, help="first N training rows (default: all 50,000)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--kind", default="fisher")
-    parser.add_argument("--mode", default="batch")
+    parser.add_argument("--mode", nargs="+", default=["batch"],
+                        help="one mode, or several to run the pipeline in each with the same workers")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--no-bare", action="store_true", help="skip the bare loop (a memory sweep over --rows)")
     parser.add_argument("--data", default=str(CIFAR10),

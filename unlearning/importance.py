@@ -12,10 +12,15 @@ l2_norm   mean ||f(x)||_2                    |dL_b/dtheta|
 
 mode `batch` is the papers' reference: one gradient per mini-batch, mean over batches.
 mode `per_sample` is exact: one gradient per sample (torch.func.vmap), mean over samples.
+
+Per-sample gradients are tens of MB a chunk; `keep_freed_memory` keeps glibc from handing them
+back to the OS after every chunk (docs/implementation-notes.md#per-sample-gradients-and-the-allocator).
 """
 
 from __future__ import annotations
 
+import ctypes
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -105,14 +110,15 @@ def compute_importance_sums(
 ) -> ImportanceSums:
     """Partial importance over `batches` as (sum, count); the model is left as it was.
 
-    `per_sample_chunk` samples share one vmap call in per_sample mode (None: as many as
-    `per_sample_chunk_size` allows for this model).
+    `per_sample_chunk` samples share one vmap call in per_sample mode (None: as many as both
+    `per_sample_chunk_size` and `heap_chunk_size` allow for this model).
 
     The model is put in eval mode for the pass (BatchNorm uses running statistics) and its
     training flag is restored afterwards; gradients are taken with autograd.grad / torch.func,
     so no `.grad` attribute of the model is touched.
     """
     _check(kind, mode)
+    keep_freed_memory()
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -120,7 +126,7 @@ def compute_importance_sums(
         result = empty_sums(model, kind, mode)
         result.sums = {name: s.to(device) for name, s in result.sums.items()}
         step = _batch_step if mode == "batch" else _per_sample_step
-        per_sample_chunk = per_sample_chunk or per_sample_chunk_size(model)
+        per_sample_chunk = per_sample_chunk or min(per_sample_chunk_size(model), heap_chunk_size(model))
         for inputs, labels in batches:
             inputs, labels = inputs.to(device), labels.to(device).long()
             if len(inputs) == 0:
@@ -149,6 +155,56 @@ def per_sample_chunk_size(model: nn.Module, budget_bytes: int = PER_SAMPLE_BUDGE
     """
     parameters = sum(p.numel() for p in trainable_parameters(model).values())
     return max(1, min(MAX_PER_SAMPLE_CHUNK, budget_bytes // (3 * 4 * max(parameters, 1))))
+
+
+# glibc's malloc on 64-bit: blocks of HEAP_BLOCK_BYTES or more are mmapped (32 MiB is the largest
+# threshold it accepts); a thread's arena is a list of 64 MiB heaps (HEAP_MAX_SIZE).
+HEAP_BLOCK_BYTES = 32 << 20
+HEAP_BYTES = 64 << 20
+KEEP_FREED_BYTES = 1 << 30  # free memory the main heap keeps at its top before trimming it
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3  # mallopt parameters (malloc.h)
+_freed_memory_kept: bool | None = None  # None: not asked yet
+
+
+def heap_chunk_size(model: nn.Module) -> int:
+    """Samples per vmap call whose largest block (the `.double()` copy of the largest
+    parameter's per-sample terms: chunk x its size x 8 bytes) stays below `HEAP_BLOCK_BYTES`,
+    so that malloc serves every block of a chunk from a heap it keeps; at least 1.
+
+    28 for resnet_small width 16 (largest parameter 128x128x3x3); 127 for small_cnn on digits.
+    """
+    largest = max((p.numel() for p in trainable_parameters(model).values()), default=1)
+    return max(1, (HEAP_BLOCK_BYTES - 1) // (8 * largest))
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory for reuse; once per process, idempotent.
+
+    By default glibc mmaps a block of 128 KiB or more and unmaps it when freed, trims free
+    memory beyond 128 KiB at the top of the main heap, and unmaps a thread's heap as soon as it
+    is empty. Per-sample gradients are allocated and freed at every chunk, so each chunk
+    faulted its pages in afresh: 1,500-2,000 page faults a row for resnet_small in a thread
+    (Ray Train runs the train function in one), about as much time in the kernel as in the model. Here
+    blocks below 32 MiB come from the heaps, the main heap keeps up to 1 GiB free, and a top
+    pad of one whole heap keeps threads' heaps mapped. Memory is reused, not returned: a
+    process stays at its peak. Returns False (and changes nothing) without glibc.
+    """
+    global _freed_memory_kept
+    if _freed_memory_kept is None:
+        _freed_memory_kept = (
+            _mallopt(_M_MMAP_THRESHOLD, HEAP_BLOCK_BYTES)
+            and _mallopt(_M_TRIM_THRESHOLD, KEEP_FREED_BYTES)
+            and _mallopt(_M_TOP_PAD, HEAP_BYTES)
+        )
+    return _freed_memory_kept
+
+
+def _mallopt(parameter: int, value: int) -> bool:
+    try:
+        os.confstr("CS_GNU_LIBC_VERSION")  # raises where the C library is not glibc
+        return ctypes.CDLL(None).mallopt(parameter, value) == 1
+    except (AttributeError, OSError, ValueError):
+        return False
 
 
 def _batch_step(model, kind, inputs, labels, result, _chunk) -> None:

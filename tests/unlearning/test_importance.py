@@ -140,3 +140,58 @@ def test_per_sample_chunks_follow_the_parameter_count():
     vit_sized = torch.nn.Linear(9300, 9300)  # 86.5 M parameters, as ViT-B/16
     assert per_sample_chunk_size(vit_sized) == 1
     assert per_sample_chunk_size(vit_sized, budget_bytes=8 * 1024**3) == 8
+
+
+@pytest.mark.parametrize("kind", ["fisher", "l2"])
+def test_per_sample_sums_equal_a_loop_of_single_sample_gradients_across_chunks(kind):
+    """Chunks of 3 over batches of 7 and 5 (ragged last chunks) give the float64 sums of a plain
+    autograd loop over one sample at a time, to float32 rounding of the gradients."""
+    torch.manual_seed(0)
+    model = unlearning.new_model("resnet_small", 10, (3, 8, 8), width=4)
+    model.eval()
+    x, y = torch.randn(12, 3, 8, 8), torch.randint(0, 10, (12,))
+    got = compute_importance_sums(model, [(x[:7], y[:7]), (x[7:], y[7:])], kind=kind, mode="per_sample",
+                                  per_sample_chunk=3)
+    params = [p for p in model.parameters() if p.requires_grad]
+    expected = [torch.zeros_like(p, dtype=torch.float64) for p in params]
+    for i in range(len(x)):
+        logits = model(x[i : i + 1])
+        loss = torch.nn.functional.cross_entropy(logits, y[i : i + 1]) if kind == "fisher" else logits.pow(2).sum()
+        for total, g in zip(expected, torch.autograd.grad(loss, params)):
+            total += (g.pow(2) if kind == "fisher" else g.abs()).double()
+    assert (got.count, got.num_samples) == (12, 12)
+    for (name, value), total in zip(got.sums.items(), expected):
+        assert value.dtype == torch.float64, name
+        torch.testing.assert_close(value, total, rtol=1e-4, atol=1e-6 * float(total.abs().max()))
+
+
+def test_default_chunk_keeps_per_sample_blocks_on_the_heap():
+    """The default chunk keeps the largest per-parameter block (chunk x parameter x 8 bytes)
+    below glibc's largest mmap threshold: 28 samples for the benchmark's resnet_small width 16."""
+    from unlearning.importance import HEAP_BLOCK_BYTES, heap_chunk_size
+
+    model = unlearning.new_model("resnet_small", 10, (3, 32, 32), width=16)
+    largest = max(p.numel() for p in model.parameters())
+    assert heap_chunk_size(model) == 28
+    assert 28 * largest * 8 < HEAP_BLOCK_BYTES <= 29 * largest * 8
+    assert heap_chunk_size(torch.nn.Linear(9300, 9300)) == 1  # never below one sample
+
+
+def test_allocator_setting_is_made_once_and_is_a_no_op_without_glibc(monkeypatch):
+    import unlearning.importance as importance
+
+    calls = []
+    monkeypatch.setattr(importance, "_freed_memory_kept", None)
+    monkeypatch.setattr(importance, "_mallopt", lambda parameter, value: calls.append(parameter) or True)
+    assert importance.keep_freed_memory() and importance.keep_freed_memory()
+    assert sorted(calls) == sorted([importance._M_MMAP_THRESHOLD, importance._M_TRIM_THRESHOLD, importance._M_TOP_PAD])
+
+    monkeypatch.undo()
+    monkeypatch.setattr(importance, "_freed_memory_kept", None)
+
+    def not_glibc(name):
+        raise ValueError(f"unrecognized configuration name {name!r}")
+
+    monkeypatch.setattr(importance.os, "confstr", not_glibc)
+    assert importance.keep_freed_memory() is False
+    assert importance.keep_freed_memory() is False  # asked once: the answer is kept
