@@ -1,7 +1,8 @@
 """The quick-start: the main job on the embedded `digits` data, start to finish.
 
-train the original model -> build its importance store on a local Ray cluster -> forget one
-class with the default PTN search on Ray Tune, compared with retraining from scratch ->
+train the original model -> build its importance store (in this process: 1,438 rows are under
+`--ray-min-rows`) -> forget one class with the default PTN search on a local Ray cluster,
+compared with retraining from scratch ->
 record everything in MLflow -> print one table. Every artefact lands in a fresh directory
 under `demo-output/`; MLflow uses the usual store (`MLFLOW_TRACKING_URI` or ./mlflow.db).
 It calls the same request API as the `unlearn` commands.
@@ -32,10 +33,10 @@ def run_demo(root: str = "demo-output", quiet: bool = False) -> RequestReport:
 
     print(f"[1/3] training the original model on digits -> {model}", flush=True)
     print(train_checkpoint("digits", str(model), progress=not quiet))
-    print(f"[2/3] importance store on a local Ray cluster (2 workers) -> {store}", flush=True)
+    print(f"[2/3] importance store (1,438 rows: in this process, under --ray-min-rows) -> {store}", flush=True)
     meta = build_importance_store(model, "digits", store, workers=2, kind="fisher", progress=not quiet)
     print(store_summary(meta, str(store)))
-    print(f"[3/3] deletion request {FORGET_SPEC}: PTN search on Ray Tune, compared with retraining -> {run}",
+    print(f"[3/3] deletion request {FORGET_SPEC}: PTN search on Ray, compared with retraining -> {run}",
           flush=True)
     options = ForgetOptions(importance_store=str(store), search="ptn", compare_retrain=True,
                             model_name=MODEL_NAME, show_progress=not quiet)

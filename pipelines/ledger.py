@@ -336,7 +336,7 @@ class _BatchJob:
         """Reject requests with ids not in the data; None if ids remain to remove, else a summary."""
         import unlearning
 
-        known = set(unlearning.load_dataset(self.data_spec).train.ids.tolist())
+        known = set(unlearning.data.open_dataset(self.data_spec).train.ids.tolist())  # ids only
         already, rejected = set(self.removed), []
         for request in self.claim.requests:
             unknown = [i for i in request["ids"] if i not in known]

@@ -61,6 +61,7 @@ class RequestReport:
     fingerprint: str | None = None  # of the new model, once written
     mlflow: MlflowEntry | None = None  # once recorded
     has_plots: bool = False
+    passes_on_ray: list[dict] = field(default_factory=list)  # outcome passes on Ray: rows, workers, seconds
 
     @property
     def reached(self) -> bool:

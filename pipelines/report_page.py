@@ -17,7 +17,6 @@ from pipelines.report import RequestReport
 from pipelines.summary import format_table, report_rows
 from unlearning.dampening import importance_ratios
 from unlearning.methods import UnlearningTask
-from unlearning.metrics import accuracy
 from unlearning.search import Step, dampened_copy
 
 MAX_PATH_POINTS = 40  # steps re-evaluated for the retained-accuracy curve
@@ -72,7 +71,7 @@ def search_curve(task: UnlearningTask, report: RequestReport) -> list[dict]:
         entry = path[i]
         step = Step(entry["index"], entry["alpha"], entry["lam"])
         model = dampened_copy(task.model, full, forget, step)
-        curve.append({**entry, "retain_acc": accuracy(model, retain, task.normalize), "chosen": entry["index"] == chosen})
+        curve.append({**entry, "retain_acc": task.accuracy(model, retain), "chosen": entry["index"] == chosen})
     return curve
 
 

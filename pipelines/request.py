@@ -24,9 +24,9 @@ import unlearning
 from pipelines.ray_session import DEFAULT_RAY_MIN_ROWS
 from pipelines.report import ForgetSummary, ImportanceSummary, RequestReport
 from unlearning.checkpoint import atomic_directory, model_meta, write_json, write_model_files
-from unlearning.data import Dataset, ForgetSet, split_forget
+from unlearning.data import Dataset, ForgetSet, open_dataset, split_forget
 from unlearning.errors import UserError
-from unlearning.evaluation import evaluate_model
+from unlearning.evaluation import evaluate_model, evaluate_models
 from unlearning.methods import MethodOutput, UnlearningTask
 from unlearning.metrics import healed_fraction
 from unlearning.training import TrainConfig
@@ -130,8 +130,7 @@ def prepare_request(
     if not options.search:
         unlearning.get_method(options.method)  # unknown names fail before any loading
     model = unlearning.load_model(model_path)
-    dataset = unlearning.load_dataset(data_spec)
-    training_ids = dataset.train.ids  # before earlier removals: row i is training row i on disk
+    dataset = open_dataset(data_spec)  # ids and labels only: rows stay in their files
     if removed_before:
         gone = torch.isin(dataset.train.ids, torch.tensor(removed_before, dtype=torch.int64))
         dataset = replace(dataset, train=dataset.train.where(~gone))
@@ -145,12 +144,9 @@ def prepare_request(
         full_importance_mode=(store_meta or {}).get("mode"), rho=options.rho,
     )
     if options.ray_min_rows is not None:
-        from pipelines.distributed import RayImportanceBackend
+        from pipelines.distributed import RayExecutor
 
-        task.importance_backend = RayImportanceBackend(
-            model, data_spec, training_ids, dataset.fingerprint, options.workers,
-            options.ray_min_rows, options.show_progress,
-        )
+        task.executor = RayExecutor(task.executor, options.workers, options.ray_min_rows, options.show_progress)
     return PreparedRequest(model, dataset, forget, task, store_meta)
 
 
@@ -209,10 +205,10 @@ def build_report(
     task, forget = prepared.task, prepared.forget
     reference = random_reference(task.model, task.seed) if zrf else None
 
-    def evaluate(model):
-        return evaluate_model(model.to(task.device), prepared.dataset, forget, task.normalize, random_model=reference)
-
-    metrics, original_metrics = evaluate(output.model), evaluate(task.model)
+    metrics, original_metrics = evaluate_models(
+        [output.model.to(task.device), task.model], prepared.dataset, forget, task.normalize,
+        random_model=reference, executor=task.executor,
+    )
     if "attack_success_rate" in metrics:
         metrics.update(poison_outcome(original_metrics, metrics))
     return RequestReport(
@@ -222,11 +218,18 @@ def build_report(
         forget=ForgetSummary(forget.spec, forget.kind, len(forget.ids), forget.classes,
                              forget.manifest_hash(), task.forget_fraction),
         importance=ImportanceSummary(task.importance_mode, task.batch_size, prepared.store_meta,
-                                     list(getattr(task.importance_backend, "runs", []))),
+                                     _ray_runs(task.executor, "importance")),
         data={"spec": data_spec, "fingerprint": prepared.dataset.fingerprint},
         seed=task.seed, removed_before=removed_before,
         parent_fingerprint=model_meta(task.model).get("parent_fingerprint"),
+        passes_on_ray=_ray_runs(task.executor, "outcomes"),
     )
+
+
+def _ray_runs(executor, which: str) -> list[dict]:
+    """What ran on Ray, by pass ("importance" or "outcomes")."""
+    runs = getattr(executor, "runs", [])
+    return [{k: v for k, v in run.items() if k != "pass"} for run in runs if run["pass"] == which]
 
 
 def write_run(out: str | Path, model: torch.nn.Module, report: RequestReport, forget: ForgetSet,
@@ -270,14 +273,23 @@ def run_forget(
     search_config = _search_config(options)
     model_path, version, removed_before = _resolve(model_uri)
     prepared = prepare_request(model_path, data_spec, forget_spec, options, removed_before)
+    try:
+        return _run_prepared(prepared, model_path, version, data_spec, out, options, search_config,
+                             len(removed_before), progress, fault_point)
+    finally:
+        prepared.task.executor.close()  # Ray evaluators, cached rows
+
+
+def _run_prepared(prepared: PreparedRequest, model_path: str, version: dict | None, data_spec: str, out: str,
+                  options: ForgetOptions, search_config, removed_before: int, progress, fault_point) -> RequestReport:
     prepared.task.progress = progress
     method, output, seconds, trials = _unlearn(prepared, options, search_config, progress)
-    report = build_report(prepared, method, output, seconds, data_spec, len(removed_before), options.zrf)
+    report = build_report(prepared, method, output, seconds, data_spec, removed_before, options.zrf)
     if options.compare_retrain:
         retrained, retrain_seconds = run_method_timed(prepared.task, "retrain", {})
         task = prepared.task
         report.retrain_metrics = evaluate_model(
-            retrained.model.to(task.device), prepared.dataset, prepared.forget, task.normalize
+            retrained.model.to(task.device), prepared.dataset, prepared.forget, task.normalize, executor=task.executor
         )
         report.retrain_seconds = retrain_seconds["unlearn"]
     name = None

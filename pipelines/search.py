@@ -1,12 +1,15 @@
-"""Searches on Ray Tune: the parallel PTN walk and an alpha/lambda TPE search.
+"""Searches on Ray: the parallel PTN walk on the request's evaluators, alpha/lambda TPE on Tune.
 
-Importances are computed once on the driver and shared with every trial through the object
-store (`tune.with_parameters`). Trials only report metrics; MLflow is written by the driver.
+Importances are computed once on the driver and shared through the object store. Trials only
+report metrics; MLflow is written by the driver.
 
-Parallel PTN: the schedule (unlearning.search.ptn_schedule) is cut into chunks of
-`chunk_size` consecutive steps. A searcher hands chunks out in order to at most `parallel`
-concurrent trials; a trial walks its chunk in order and stops at its first step that meets
-the target. Once some step m has met it, no chunk starting after m is handed out. Every
+Parallel PTN runs on the request's long-lived evaluator actors (`pipelines.distributed`), not
+on Tune: each keeps D_f decoded, so a step costs one dampening and one pass over rows in memory,
+with no per-trial process start or torch import (docs/implementation-notes.md, "Search without
+Tune's fixed cost"). The schedule (unlearning.search.ptn_schedule) is cut into chunks of
+`chunk_size` consecutive steps. A dealer hands chunks out in order to at most `parallel`
+actors; an actor walks its chunk in order and stops at its first step that meets the
+target. Once some step m has met it, no chunk starting after m is handed out. Every
 chunk starting at or before m is walked until it meets or ends, so every step before m has
 been evaluated: the least step that meets the target is exactly the sequential answer.
 """
@@ -19,9 +22,13 @@ import shutil
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from pipelines.distributed.driver import check_first_row
+from pipelines.distributed.rows import RaySplit
 from pipelines.ray_session import ensure_ray, run_storage
+from unlearning.data.rows import is_lazy
 from unlearning.errors import UserError
 from unlearning.methods import MethodOutput, UnlearningTask
 from unlearning.search import (
@@ -122,51 +129,21 @@ def trial_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _ptn_trial(config, model, full, forget, schedule, forget_split, normalize, target, chunk_size):
-    from ray import tune
+class ChunkDealer:
+    """Hands chunks of the schedule out in order; none that starts after a step known to meet."""
 
-    from unlearning.metrics import accuracy
-    from unlearning.search import dampened_copy
+    def __init__(self, n_chunks: int, chunk_size: int):
+        self.n_chunks, self.chunk_size = n_chunks, chunk_size
+        self.next_chunk, self.best = 0, math.inf
 
-    torch.set_num_threads(1)
-    model = model.to(trial_device())
-    start = config["chunk"] * chunk_size
-    for step in schedule[start : start + chunk_size]:
-        acc = accuracy(dampened_copy(model, full, forget, step), forget_split, normalize)
-        met = acc <= target
-        tune.report({"step": step.index, "alpha": step.alpha, "lam": step.lam, PTN_METRIC: acc, "met": met})
-        if met:
-            return
+    def next(self) -> int | None:
+        if self.next_chunk >= self.n_chunks or self.next_chunk * self.chunk_size > self.best:
+            return None
+        self.next_chunk += 1
+        return self.next_chunk - 1
 
-
-def _chunk_searcher(n_chunks: int, chunk_size: int, on_result=None):
-    from ray.tune.search import Searcher
-
-    class ChunkSearcher(Searcher):
-        """Hands out chunks in order; none that starts after a step already known to meet."""
-
-        def __init__(self):
-            super().__init__(metric=PTN_METRIC, mode="min")
-            self.next_chunk = 0
-            self.best = math.inf
-
-        def suggest(self, trial_id):
-            if self.next_chunk >= n_chunks or self.next_chunk * chunk_size > self.best:
-                return Searcher.FINISHED
-            self.next_chunk += 1
-            return {"chunk": self.next_chunk - 1}
-
-        def on_trial_result(self, trial_id, result):
-            if result.get("met"):
-                self.best = min(self.best, result["step"])
-            if on_result is not None:
-                on_result(result)
-
-        def on_trial_complete(self, trial_id, result=None, error=False):
-            if result and result.get("met"):
-                self.best = min(self.best, result["step"])
-
-    return ChunkSearcher()
+    def met(self, step: int) -> None:
+        self.best = min(self.best, step)
 
 
 def _run_tuner(trainable, tune_config, name: str, resources: dict):
@@ -198,46 +175,70 @@ def _run_tuner(trainable, tune_config, name: str, resources: dict):
 def parallel_ptn(
     task: UnlearningTask, config: SearchConfig, target: float, progress=None
 ) -> tuple[SearchResult, list[dict]]:
-    """The PTN walk on Ray Tune; returns the same answer as unlearning.search.sequential_search."""
-    from ray import tune
+    """The PTN walk, chunks of steps walked in parallel by the request's evaluator actors.
 
-    ensure_ray()
+    Each actor keeps the whole D_f decoded and walks the chunks it is dealt; returns the same
+    answer as unlearning.search.sequential_search (see the module docstring).
+    """
+    import ray
+
     full = task.importance(config.reference, config.importance_kind)
     forget = task.importance("forget", config.importance_kind)
     schedule = ptn_schedule(full, forget, task.forget_fraction, config.walk())
-    n_chunks = -(-len(schedule) // config.chunk_size)
-    trainable = tune.with_parameters(
-        _ptn_trial,
-        model=task.model.cpu(),
-        full=full,
-        forget=forget,
-        schedule=schedule,
-        forget_split=task.forget_split,
-        normalize=task.normalize,
-        target=target,
-        chunk_size=config.chunk_size,
-    )
-    searcher = _chunk_searcher(n_chunks, config.chunk_size, progress)
-    tune_config = tune.TuneConfig(
-        search_alg=searcher,
-        num_samples=n_chunks,
-        max_concurrent_trials=config.parallel or default_parallel(config),
-        reuse_actors=True,
-    )
-    rows = _run_tuner(trainable, tune_config, "ptn", trial_resources(config))
-    evaluated = {int(row["step"]): float(row[PTN_METRIC]) for row in rows}
-    path = [(schedule[i], evaluated[i]) for i in sorted(evaluated)]
+    executor = search_executor(task)
+    pool = executor.evaluators(config.parallel or default_parallel(config), trial_resources(config).get("gpu", 0.0))
+    key, split = f"search-{id(task)}", task.forget_split
+    if is_lazy(split.inputs):  # each actor reads D_f through Ray Data and keeps it decoded
+        rows = RaySplit.of(split, task.normalize, check_first_row(split, task.model, "the forget set"))
+        ray.get([actor.load.remote(key, rows) for actor in pool])
+    else:  # rows already in memory (the library API, the benchmarks): shipped once
+        blocks = ray.put([(np.arange(len(split)), torch.cat([x for x, _ in split.batches(512, normalize=task.normalize)]))])
+        ray.get([actor.keep.remote(key, blocks) for actor in pool])
+    model_ref, importances_ref = ray.put(task.model.cpu()), ray.put((full, forget))
+    labels = split.labels.numpy()
+    dealer, running, evaluated = ChunkDealer(-(-len(schedule) // config.chunk_size), config.chunk_size), {}, {}
+    free = list(pool)
+    while True:
+        while free and (chunk := dealer.next()) is not None:
+            actor = free.pop()
+            steps = schedule[chunk * config.chunk_size : (chunk + 1) * config.chunk_size]
+            running[actor.walk.remote(key, labels, model_ref, importances_ref, steps, target)] = actor
+        if not running:
+            break
+        [done], _ = ray.wait(list(running), num_returns=1)
+        free.append(running.pop(done))
+        for step, acc in ray.get(done):
+            evaluated[step.index] = (step, acc)
+            if acc <= target:
+                dealer.met(step.index)
+            if progress is not None:
+                progress({"step": step.index, "alpha": step.alpha, "lam": step.lam, PTN_METRIC: acc})
+    return _walk_result(schedule, evaluated, target)
+
+
+def search_executor(task: UnlearningTask):
+    """The request's Ray executor; a request whose splits all run in-process gets one for its search."""
+    from pipelines.distributed import RayExecutor
+
+    if not isinstance(task.executor, RayExecutor):
+        task.executor = RayExecutor(task.executor, min_rows=2**62)
+    ensure_ray()
+    return task.executor
+
+
+def _walk_result(schedule: list[Step], evaluated: dict, target: float) -> tuple[SearchResult, list[dict]]:
+    path = [evaluated[i] for i in sorted(evaluated)]
     answer = first_meeting(path, target)
     limit = answer.index if answer is not None else len(schedule)
     missing = [i for i in range(limit) if i not in evaluated]
     if missing:  # the argument in the module docstring guarantees this never happens
         raise RuntimeError(f"parallel PTN left steps {missing[:5]} unevaluated")
     # keep the path the sequential loop would have walked: every step up to the answer
-    sequential_path = [(schedule[i], evaluated[i]) for i in range(limit + (answer is not None))]
+    sequential_path = [evaluated[i] for i in range(limit + (answer is not None))]
     trials = [
-        {"name": f"step {row['step']}", "params": {"alpha": row["alpha"], "lambda": row["lam"], "step": row["step"]},
-         "metrics": {PTN_METRIC: row[PTN_METRIC]}}
-        for row in sorted(rows, key=lambda r: r["step"])
+        {"name": f"step {step.index}", "params": {"alpha": step.alpha, "lambda": step.lam, "step": step.index},
+         "metrics": {PTN_METRIC: acc}}
+        for step, acc in path
     ]
     return SearchResult(answer, target, sequential_path), trials
 

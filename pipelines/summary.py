@@ -41,6 +41,10 @@ def print_report(report: RequestReport, out: str) -> None:
     for run in report.importance.on_ray:
         print(f"importance ({run['kind']}/{run['mode']}) of {run['rows']} rows ran on Ray: "
               f"{run['workers']} workers, {run['seconds']:.1f} s")
+    if report.passes_on_ray:
+        rows = sum(run["rows"] for run in report.passes_on_ray)
+        seconds = sum(run["seconds"] for run in report.passes_on_ray)
+        print(f"evaluation: {len(report.passes_on_ray)} passes over {rows} rows ran on Ray, {seconds:.1f} s")
     if not report.reached:
         print("warning: the search did not reach its target; the most aggressive step was used")
     if report.mlflow is not None:

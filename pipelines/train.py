@@ -70,7 +70,7 @@ def evaluate_checkpoint(model_path: str, data_spec: str, forget_spec: str | None
     from unlearning.evaluation import evaluate_model
 
     model = unlearning.load_model(model_path)
-    dataset = unlearning.load_dataset(data_spec)
+    dataset = unlearning.data.open_dataset(data_spec)  # rows streamed from their files
     forget = unlearning.parse_forget(forget_spec, dataset, seed=seed) if forget_spec else None
     reference = random_reference(model, seed) if zrf and forget else None
     return evaluate_model(model, dataset, forget, model_meta(model).get("normalize"), random_model=reference)
@@ -80,5 +80,9 @@ def store_summary(meta: dict, out: str) -> str:
     """One line about a freshly built importance store."""
     return (
         f"importance store {out}: {meta['kind']}/{meta['mode']} over {meta['num_samples']} rows "
-        f"({meta['count']} terms) with {meta['workers']} workers in {meta['seconds']:.1f} s"
+        f"({meta['count']} terms) {where_it_ran(meta['workers'])} in {meta['seconds']:.1f} s"
     )
+
+
+def where_it_ran(workers: int) -> str:
+    return f"with {workers} Ray workers" if workers else "in this process (fewer rows than --ray-min-rows)"

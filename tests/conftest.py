@@ -150,7 +150,7 @@ def parquet_checkpoint(tmp_path_factory):
 
 
 def assert_parallel_ptn_is_the_sequential_walk(task, config) -> list:
-    """The PTN walk on Ray Tune reaches the sequential loop's answer by the same path."""
+    """The parallel PTN walk on Ray reaches the sequential loop's answer by the same path."""
     from pipelines.search import parallel_ptn
     from unlearning.search import ptn_schedule, sequential_search
 

@@ -64,16 +64,20 @@ def membership_inference(
 
     Fitted on entropy of D_r training samples (member, 1) and of test samples (non-member, 0).
     """
+    return membership_inference_entropy(entropy(retain_logits), entropy(forget_logits), entropy(test_logits))
+
+
+def membership_inference_entropy(retain: Tensor, forget: Tensor, test: Tensor) -> float:
+    """`membership_inference` from the softmax entropies alone (what a pass over rows returns)."""
     from sklearn.linear_model import LogisticRegression
 
-    if not all(bool(torch.isfinite(t).all()) for t in (retain_logits, forget_logits, test_logits)):
+    if not all(bool(torch.isfinite(t).all()) for t in (retain, forget, test)):
         return float("nan")  # a diverged model: no attack to fit (reported as NaN, not a crash)
-    features = torch.cat([entropy(retain_logits), entropy(test_logits)]).numpy().reshape(-1, 1)
-    targets = np.concatenate([np.ones(len(retain_logits)), np.zeros(len(test_logits))])
+    features = torch.cat([retain.double(), test.double()]).numpy().reshape(-1, 1)
+    targets = np.concatenate([np.ones(len(retain)), np.zeros(len(test))])
     attack = LogisticRegression(class_weight="balanced", solver="lbfgs")
     attack.fit(features, targets)
-    forget_features = entropy(forget_logits).numpy().reshape(-1, 1)
-    return float(attack.predict(forget_features).mean())
+    return float(attack.predict(forget.double().numpy().reshape(-1, 1)).mean())
 
 
 def js_divergence(p: Tensor, q: Tensor) -> Tensor:

@@ -22,22 +22,25 @@ import torch
 import unlearning
 from pipelines.distributed.data_stage import rank_dataset
 from pipelines.distributed.plan import plan_chunks, worker_resources
+from pipelines.distributed.rows import RaySplit
 from pipelines.distributed.worker import RunChannel, importance_worker
-from pipelines.ray_session import ensure_ray, resolve_workers, run_storage
+from pipelines.ray_session import DEFAULT_RAY_MIN_ROWS, ensure_ray, resolve_workers, run_storage
 from unlearning.checkpoint import model_meta
-from unlearning.data import SplitRows, decode_rows, open_source
+from unlearning.data import Split, open_dataset
+from unlearning.data.rows import is_lazy
 from unlearning.errors import UserError
 from unlearning.importance import KINDS, MODES
+from unlearning.passes import LocalExecutor
 
 MAX_FAILURES = 3  # worker-group restarts before a run gives up
 
 
-def training_rows(data_spec: str | os.PathLike) -> tuple[SplitRows, str]:
-    """(the training split's rows, the data set's fingerprint), nothing decoded."""
-    if "+" in str(data_spec):  # load_dataset's task modifiers rewrite rows; they are not streamed (yet)
-        raise UserError(f"data spec {data_spec!r}: modifiers such as +poison/+coarse are not supported on Ray")
-    source = open_source(data_spec)
-    return source.train, source.fingerprint
+def training_split(data: str | os.PathLike | Split) -> tuple[Split, str, str]:
+    """(the training split, left in its files; the data set's fingerprint; its name for messages)."""
+    if isinstance(data, Split):
+        return data, "", "the split"
+    dataset = open_dataset(data)
+    return dataset.train, dataset.fingerprint, str(data)
 
 
 def check_arguments(workers: int | None, kind: str, mode: str, batch_size: int) -> None:
@@ -51,20 +54,24 @@ def check_arguments(workers: int | None, kind: str, mode: str, batch_size: int) 
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
 
 
-def check_first_row(rows: SplitRows, model, where: str) -> bool:
+def check_first_row(split: Split, model, where: str) -> bool:
     """Decode the first row on the driver, so a wrong model fails in one line.
 
-    Returns whether `unlearning.load_dataset` holds these inputs channels-last: its image
-    decoder stacks HWC arrays, and a convolution over channels-last memory rounds differently
-    (1e-3 relative for resnet_small), so workers give their batches the same layout.
+    Returns whether the library's decoder gives these inputs channels-last (it stacks HWC
+    arrays), since a convolution over channels-last memory rounds differently (1e-3 relative
+    for resnet_small): workers give their batches the same layout as an in-process pass.
     """
     try:
-        _, inputs, _ = decode_rows(rows.read(0, 1), where)
+        inputs = split.inputs.read([0]) if is_lazy(split.inputs) else split.inputs[:1]
     except UserError:
         raise UserError(f"{where}: the first training row cannot be decoded") from None
-    expected = tuple(model_meta(model)["input_shape"])
+    meta = model_meta(model)
+    expected = tuple(meta["input_shape"])
     if tuple(inputs.shape[1:]) != expected:
         raise UserError(f"{where}: inputs have shape {tuple(inputs.shape[1:])}, the model expects {expected}")
+    if len(split) and (int(split.labels.min()) < 0 or int(split.labels.max()) >= meta["num_classes"]):
+        low, high = int(split.labels.min()), int(split.labels.max())
+        raise UserError(f"{where}: labels must be in 0..{meta['num_classes'] - 1}, found {low}..{high}")
     return inputs.dim() == 4 and not inputs.is_contiguous() and inputs.is_contiguous(memory_format=torch.channels_last)
 
 
@@ -88,7 +95,7 @@ def show_progress(channel, total: int, stop: threading.Event, label: str) -> Non
 
 def compute_importance_on_ray(
     model: str | os.PathLike | torch.nn.Module,
-    data_spec: str | os.PathLike,
+    data: str | os.PathLike | Split,
     workers: int | None = None,
     kind: str = "fisher",
     mode: str = "per_sample",
@@ -99,32 +106,35 @@ def compute_importance_on_ray(
     fault=None,
 ) -> unlearning.ImportanceSums:
     """Importance (sum, count) of `model` (a module, or a checkpoint path read on the driver)
-    over the training split of `data_spec`. The model reaches the workers through Ray's object
-    store, never as a path on the driver's disk.
+    over the training split of the data spec `data` (or over a `Split` left in its files, from
+    `unlearning.data.open_dataset`). Rows are read where the workers are; the model reaches
+    them through Ray's object store, never as a path on the driver's disk.
 
     Equal to `unlearning.compute_importance_sums(model, split.batches(batch_size), kind, mode)`
     in one process, for any number of workers (float64 sums; 1e-6 relative or better).
     `workers=None` runs 2, or fewer if the cluster holds fewer; a count it cannot hold is
     refused (`pipelines.ray_session.resolve_workers`).
-    `positions` (increasing training row numbers) restricts it to those rows, e.g. a forget set;
+    `positions` (increasing row numbers) restricts it to those rows, e.g. a forget set;
     `label` names the progress bar; `fault(rank, rows_done)` runs in every worker after each
     batch (tests kill a worker with it).
     """
     check_arguments(workers, kind, mode, batch_size)
     model = model if isinstance(model, torch.nn.Module) else unlearning.load_model(model)
-    rows, fingerprint = training_rows(data_spec)
+    split, fingerprint, where = training_split(data)
     if positions is not None:
         if len(positions) == 0:
-            raise UserError(f"{data_spec}: no training rows selected")
-        rows = rows.select(positions)
-    config = {
-        "kind": kind, "mode": mode, "fault": fault, "channels_last": check_first_row(rows, model, str(data_spec)),
-    }
+            raise UserError(f"{where}: no training rows selected")
+        split = split.subset(torch.as_tensor(np.asarray(positions, dtype=np.int64)))
+    if not is_lazy(split.inputs):
+        raise ValueError("distributed importance reads rows from their files: pass a split from open_dataset")
+    channels_last = check_first_row(split, model, where)
+    config = {"kind": kind, "mode": mode, "fault": fault, "channels_last": channels_last}
     cluster = ensure_ray()
-    plan = plan_chunks(len(rows), batch_size, resolve_workers(workers, cluster))
-    result, streaming_seconds = _fit(rows, plan, model, config, cluster, str(data_spec), label if progress else None)
-    if result is None or result["num_samples"] != len(rows):
-        raise RuntimeError(f"distributed importance saw {result and result['num_samples']} of {len(rows)} rows")
+    plan = plan_chunks(len(split), batch_size, resolve_workers(workers, cluster))
+    rows = RaySplit.of(split, model_meta(model).get("normalize"))
+    result, streaming_seconds = _fit(rows, plan, model, config, cluster, label if progress else None)
+    if result is None or result["num_samples"] != len(split):
+        raise RuntimeError(f"distributed importance saw {result and result['num_samples']} of {len(split)} rows")
     return unlearning.ImportanceSums(
         sums=result["sums"], count=result["count"], kind=kind, mode=mode,
         num_samples=result["num_samples"], batch_size=batch_size,
@@ -132,24 +142,20 @@ def compute_importance_on_ray(
     )
 
 
-def _fit(rows: SplitRows, plan, model, config: dict, cluster: dict, where: str, label: str | None):
+def _fit(rows: RaySplit, plan, model, config: dict, cluster: dict, label: str | None):
     """Run the worker group; returns (rank 0's all-reduced result, streaming seconds)."""
     import ray
 
     use_gpu, per_worker, threads = worker_resources(cluster, plan.workers, cuda_on_gpu_nodes(cluster))
     channel = ray.remote(num_cpus=0)(RunChannel).remote()
-    meta = model_meta(model)
-    datasets = {
-        f"rank{rank}": rank_dataset(rank, rows, plan, meta.get("normalize"), meta["num_classes"], where)
-        for rank in range(plan.workers)
-    }
+    datasets = {f"rank{rank}": rank_dataset(rank, rows, plan) for rank in range(plan.workers)}
     storage, temporary = run_storage("amnesis-importance-")
     model_ref = ray.put(model if _on_cpu(model) else copy.deepcopy(model).cpu())
     trainer = _trainer({**config, "model": model_ref, "channel": channel, "plan": plan, "threads": threads},
                        datasets, plan.workers, use_gpu, per_worker, storage)
     stop, display = threading.Event(), None
     if label is not None:
-        display = threading.Thread(target=show_progress, args=(channel, len(rows), stop, label), daemon=True)
+        display = threading.Thread(target=show_progress, args=(channel, plan.num_rows, stop, label), daemon=True)
         display.start()
     try:
         trainer.fit()
@@ -203,25 +209,37 @@ def _trainer(config: dict, datasets: dict, workers: int, use_gpu: bool, per_work
 
 def build_importance_store(model_path: str | os.PathLike, data_spec: str | os.PathLike, out: str | os.PathLike,
                            workers: int | None = None, kind: str = "fisher", mode: str = "per_sample", batch_size: int = 64,
-                           progress: bool = True) -> dict:
-    """Compute importance on Ray and write it as an importance store at `out`; returns its meta.
+                           progress: bool = True, min_rows: int | None = DEFAULT_RAY_MIN_ROWS, device: str = "cpu") -> dict:
+    """Compute importance and write it as an importance store at `out`; returns its meta.
 
-    Nothing is written unless the run finishes (`out` appears atomically, or not at all).
+    On Ray when the training split has at least `min_rows` rows (0: always; None: never),
+    else in this process on `device` (Ray's start-up would cost more than it saves); the
+    numbers are the same. Nothing is written unless the run finishes (`out` appears
+    atomically, or not at all).
     """
     if Path(out).exists():
         raise UserError(f"{out} already exists; choose a new output path (nothing is overwritten)")
+    check_arguments(workers, kind, mode, batch_size)
     started = time.monotonic()
     model = unlearning.load_model(model_path)
-    sums = compute_importance_on_ray(model, data_spec, workers, kind, mode, batch_size, progress)
+    dataset = open_dataset(data_spec)
+    if min_rows is not None and len(dataset.train) >= min_rows:
+        sums = compute_importance_on_ray(model, dataset.train, workers, kind, mode, batch_size, progress)
+        where = sums.meta["workers"]
+    else:
+        check_first_row(dataset.train, model, str(data_spec))
+        sums = LocalExecutor(device).importance(model.to(device), dataset.train, kind, mode, batch_size,
+                                                model_meta(model).get("normalize"))
+        where = 0  # in this process
     return unlearning.save_importance(
         sums,
         out,
         model_fingerprint=unlearning.model_fingerprint(model),
-        dataset_fingerprint=sums.meta["dataset_fingerprint"],
+        dataset_fingerprint=dataset.fingerprint,
         extra={
             "data": str(data_spec),
             "model": str(model_path),
-            "workers": sums.meta["workers"],
+            "workers": where,
             "seconds": round(time.monotonic() - started, 3),
         },
     )

@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 
 DATA_TASK_CPUS = 0.25  # Ray Data read/decode actors: fractional so a 2-CPU box never deadlocks
+LISTING_CPUS = 1  # Ray Data's ListFiles task asks for a whole CPU; left free for it
 DATA_ACTORS_PER_WORKER = 1  # one decodes ~2,800 CIFAR rows/s, several times what a worker computes
 CHUNK_TARGET_ROWS = 1024  # rows per read task (rounded to whole batches)
 BLOCK_TARGET_ROWS = 256  # rows per Ray Data block (rounded to whole batches)
@@ -53,11 +54,14 @@ def worker_resources(cluster: dict, workers: int, cuda: bool = True) -> tuple[bo
     """(use_gpu, resources per worker, torch threads per worker), explicit for small boxes.
 
     One GPU per worker where the cluster has GPUs and `cuda` (CUDA works on its GPU nodes);
-    otherwise fractional CPUs that leave room for every data actor.
+    otherwise fractional CPUs that leave room for every data actor plus one whole CPU: Ray
+    Data's file listing (`read_parquet`'s ListFiles) runs as a 1-CPU task that no option lowers.
+    A cluster too small for that reserves no CPU at all (Ray would otherwise wait forever).
     """
     if cluster.get("GPU", 0) > 0 and cuda:
         return True, {"CPU": 1, "GPU": 1}, 1
     data_actors = workers * DATA_ACTORS_PER_WORKER * DATA_TASK_CPUS  # each must fit beside the workers
-    spare = max(cluster.get("CPU", 1) - data_actors, 0.1 * workers)
-    cpus = round(spare / workers, 3)
-    return False, {"CPU": cpus}, max(1, round(cpus))
+    cpus = cluster.get("CPU", 1)
+    spare = cpus - data_actors - LISTING_CPUS
+    per_worker = round(spare / workers, 3) if spare >= 0.1 * workers else 0
+    return False, {"CPU": per_worker}, max(1, round((cpus - data_actors) / workers))

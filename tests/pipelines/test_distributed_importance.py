@@ -20,7 +20,7 @@ import torch
 import unlearning
 from pipelines.cli import main
 from pipelines.distributed import build_importance_store, compute_importance_on_ray
-from pipelines.request import ForgetOptions, prepare_request
+from pipelines.request import ForgetOptions, prepare_request, run_forget
 from unlearning.checkpoint import model_meta
 
 pytestmark = pytest.mark.ray
@@ -68,7 +68,8 @@ def test_distributed_store_equals_single_process_and_round_trips(ray_session, di
     """digits, fisher, batch mode, 2 workers -> a store whose mean is the single-process mean."""
     store = tmp_path / "digits-fisher"
     meta = build_importance_store(
-        digits_checkpoint, "digits", store, workers=2, kind="fisher", mode="batch", batch_size=DIGITS_BATCH, progress=False
+        digits_checkpoint, "digits", store, workers=2, kind="fisher", mode="batch", batch_size=DIGITS_BATCH, progress=False,
+        min_rows=0,
     )
     reference = single_process(digits_checkpoint, "digits", "fisher", "batch", DIGITS_BATCH)
     model = unlearning.load_model(digits_checkpoint)
@@ -137,9 +138,8 @@ def test_forget_set_importance_of_a_request_on_ray_equals_in_process(ray_session
     prepared = prepare_request(str(parquet_checkpoint), spec, "random:40:1", options)
     task = prepared.task
     on_ray = task.importance("forget", "fisher")
-    assert task.importance_backend.runs == [
-        {**task.importance_backend.runs[0], "rows": 40, "kind": "fisher", "mode": "batch", "workers": 2}
-    ]
+    runs = task.executor.runs
+    assert runs == [{**runs[0], "pass": "importance", "rows": 40, "kind": "fisher", "mode": "batch", "workers": 2}]
     model = unlearning.load_model(parquet_checkpoint)
     reference = unlearning.compute_importance_sums(
         model, task.forget_split.batches(8, normalize=task.normalize), "fisher", "batch"
@@ -159,7 +159,7 @@ def test_request_after_earlier_removals_computes_retained_importance_on_ray(ray_
     assert len(task.retain_split) == len(train) - len(removed) - len(task.forget_split)
     on_ray = task.importance("retain", "fisher")
     task.importance("forget", "fisher")  # under 1000 rows: in this process
-    runs = task.importance_backend.runs
+    runs = task.executor.runs
     assert [(r["rows"], r["mode"]) for r in runs] == [(len(task.retain_split), "per_sample")]
     model = unlearning.load_model(digits_checkpoint)
     reference = unlearning.compute_importance_sums(
@@ -206,3 +206,27 @@ def test_the_model_reaches_workers_through_the_object_store_and_storage_is_kept(
     )
     assert_sums_match(distributed, single_process(digits_checkpoint, "digits", "fisher", "batch", DIGITS_BATCH))
     assert [p.name.startswith("importance-") for p in storage.iterdir()] == [True]
+
+
+def test_a_whole_poison_request_on_ray_equals_the_same_request_in_process(ray_session, digits_checkpoint, tmp_path):
+    """`--ray-min-rows 0`: importances, every PTN step's forget accuracy and the final metrics
+    (MIA, attack success on triggered test images) pass over rows on Ray, the trigger stamped
+    there as rows are decoded; the report equals the in-process one."""
+    spec = "digits+poison:rate=0.05,identified=0.5"
+    reports = {}
+    for name, min_rows in (("here", None), ("on-ray", 0)):
+        options = ForgetOptions(method="ptn", rho=0.5, track=False, plots=False, ray_min_rows=min_rows,
+                                show_progress=False)
+        reports[name] = run_forget(str(digits_checkpoint), spec, "poison:identified", str(tmp_path / name), options)
+    here, on_ray = reports["here"], reports["on-ray"]
+    assert here.passes_on_ray == [] and here.importance.on_ray == []
+    assert [(r["rows"], r["kind"]) for r in on_ray.importance.on_ray] == [(1438, "fisher"), (36, "fisher")]
+    steps = len(on_ray.details["path"])
+    assert len(on_ray.passes_on_ray) >= steps + 3  # each step, the target, train + test + triggered test
+    assert (on_ray.params["alpha"], on_ray.params["lambda"]) == (here.params["alpha"], here.params["lambda"])
+    for which in ("metrics", "original_metrics"):
+        expected, got = getattr(here, which), getattr(on_ray, which)
+        assert expected.keys() == got.keys() and "attack_success_rate" in got
+        for key, value in expected.items():
+            if isinstance(value, float) and value == value:
+                assert got[key] == pytest.approx(value, abs=1e-6), (which, key)

@@ -8,20 +8,18 @@ import pytest
 import torch
 
 import unlearning
-from pipelines.distributed import (
-    RayImportanceBackend,
-    build_importance_store,
-    compute_importance_on_ray,
-)
-from pipelines.distributed.driver import check_first_row, training_rows
+from pipelines.distributed import RayExecutor, build_importance_store, compute_importance_on_ray
+from pipelines.distributed.driver import check_first_row
 from pipelines.distributed.plan import (
     DATA_ACTORS_PER_WORKER,
     DATA_TASK_CPUS,
+    LISTING_CPUS,
     plan_chunks,
     worker_resources,
 )
 from pipelines.ray_session import resolve_workers
 from tests.conftest import image_table
+from unlearning.passes import LocalExecutor
 
 
 @pytest.mark.parametrize("num_rows,batch_size,workers", [(1438, 64, 2), (160, 24, 2), (10, 64, 3), (5000, 7, 4)])
@@ -44,7 +42,13 @@ def test_workers_leave_room_for_every_data_actor(cpus, workers, threads):
     use_gpu, per_worker, torch_threads = worker_resources({"CPU": cpus}, workers)
     actors = workers * DATA_ACTORS_PER_WORKER * DATA_TASK_CPUS
     assert not use_gpu and torch_threads == threads
-    assert workers * per_worker["CPU"] + actors <= cpus + 1e-9  # no actor waits for a CPU forever
+    # no actor waits for a CPU forever, and Ray Data's 1-CPU listing task always finds one
+    assert workers * per_worker["CPU"] + actors + LISTING_CPUS <= cpus + 1e-9
+
+
+def test_a_cluster_too_small_to_leave_a_whole_cpu_reserves_none():
+    _, per_worker, threads = worker_resources({"CPU": 1}, 1)
+    assert per_worker == {"CPU": 0} and threads == 1
 
 
 def test_bad_inputs_are_one_line_user_errors_before_any_ray_work(
@@ -70,22 +74,22 @@ def test_existing_store_path_is_refused(untrained_digits_checkpoint, tmp_path):
         build_importance_store(untrained_digits_checkpoint, "digits", tmp_path / "store")
 
 
-def test_request_backend_maps_ids_to_training_rows_and_declines_small_or_unstreamable_splits(
+def test_ray_executor_leaves_small_and_in_memory_splits_and_shuffled_batches_to_this_process(
     untrained_digits_checkpoint,
 ):
-    train = unlearning.load_dataset("digits").train
-    backend = RayImportanceBackend(untrained_digits_checkpoint, "digits", train.ids, "fp", min_rows=100)
-    some = torch.tensor([7, 1200, 3])
-    assert backend.positions(train.ids[some]).tolist() == [7, 1200, 3]
-    with pytest.raises(RuntimeError, match="not training rows"):
-        backend.positions(torch.tensor([10**9]))
-    small = train.subset(torch.arange(99))
-    assert backend(small, "fisher", "per_sample", 64, False) is None  # below min_rows: in-process
-    assert backend(train, "fisher", "batch", 64, True) is None  # shuffled batches: in-process
-    coarse = "digits+coarse:0,1,2,3,4/5,6,7,8,9"
-    modified = RayImportanceBackend(untrained_digits_checkpoint, coarse, train.ids, "fp")
-    assert modified(train, "fisher", "per_sample", 64, False) is None  # +modifiers are not streamed
-    assert backend.runs == [] and modified.runs == []
+    """Nothing here starts Ray: every pass below is routed to the local executor."""
+    model = unlearning.load_model(untrained_digits_checkpoint)
+    lazy = unlearning.data.open_dataset("digits").train
+    in_memory = unlearning.load_dataset("digits").train
+    executor = RayExecutor(LocalExecutor(), min_rows=100)
+    assert executor.on_ray(lazy) and not executor.on_ray(lazy.subset(torch.arange(99)))
+    assert not executor.on_ray(in_memory)  # rows already in memory stay here
+    small = lazy.subset(torch.arange(99))
+    [outcomes] = executor.outcomes([model], small, None)
+    assert len(outcomes) == 99
+    executor.importance(model, small, "fisher", "per_sample", 64, None)
+    executor.importance(model, lazy, "fisher", "batch", 64, None, shuffle=True)  # shuffled batches: here
+    assert executor.runs == []
 
 
 @pytest.mark.parametrize("source", ["digits", "parquet_file", "image_folder"])
@@ -95,10 +99,10 @@ def test_workers_use_the_memory_layout_load_dataset_uses(
     """Convolutions round differently over channels-last memory (~1e-3 for resnet_small)."""
     spec = "digits" if source == "digits" else str(request.getfixturevalue(source))
     checkpoint = untrained_digits_checkpoint if source == "digits" else parquet_checkpoint
-    rows, _ = training_rows(spec)
+    split = unlearning.data.open_dataset(spec).train
     inputs = unlearning.load_dataset(spec).train.inputs
     expected = not inputs.is_contiguous() and inputs.is_contiguous(memory_format=torch.channels_last)
-    assert check_first_row(rows, unlearning.load_model(checkpoint), spec) == expected
+    assert check_first_row(split, unlearning.load_model(checkpoint), spec) == expected
 
 
 @pytest.mark.parametrize(
@@ -118,3 +122,17 @@ def test_the_default_worker_count_fits_the_cluster(requested, cluster, expected)
 def test_a_worker_count_the_cluster_cannot_hold_is_refused(requested, cluster, message):
     with pytest.raises(unlearning.UserError, match=message):
         resolve_workers(requested, cluster)
+
+
+def test_a_store_of_fewer_rows_than_the_threshold_is_built_in_this_process(untrained_digits_checkpoint, tmp_path):
+    """1,438 digits rows < --ray-min-rows: no Ray start (this module refuses one), same maths."""
+    meta = build_importance_store(untrained_digits_checkpoint, "digits", tmp_path / "store", kind="fisher",
+                                  mode="batch", batch_size=64)
+    assert meta["workers"] == 0 and meta["num_samples"] == 1438 and meta["count"] == 23
+    model = unlearning.load_model(untrained_digits_checkpoint)
+    stored, _ = unlearning.load_importance(tmp_path / "store", model)
+    dataset = unlearning.load_dataset("digits")
+    normalize = unlearning.model_meta(model)["normalize"]
+    reference = unlearning.compute_importance(model, dataset.train.batches(64, normalize=normalize), "fisher", "batch")
+    for name, expected in reference.items():
+        torch.testing.assert_close(stored[name], expected, rtol=1e-6, atol=0)

@@ -39,7 +39,7 @@ def test_an_impossible_worker_count_is_refused_in_one_line(untrained_digits_chec
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     command = [sys.executable, "-m", "pipelines.cli", "--quiet", "importance", "--model",
                str(untrained_digits_checkpoint), "--data", "digits", "--out", str(tmp_path / "store"),
-               "--workers", "1000"]
+               "--workers", "1000", "--ray-min-rows", "0"]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=180)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()

@@ -1,4 +1,4 @@
-"""Deletion requests end to end: MLflow records and lineage, parallel PTN on Ray Tune.
+"""Deletion requests end to end: MLflow records and lineage, parallel PTN on Ray.
 
 One local Ray session serves the whole module.
 """

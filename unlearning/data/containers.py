@@ -1,7 +1,8 @@
 """In-memory data: a `Dataset` of two `Split`s, and the poison `Trigger` a split may carry.
 
 A `Split` holds int64 `ids`, float32 `inputs` (images scaled to [0, 1] as CxHxW, or feature
-vectors as they are) and int64 `labels`. Normalisation is the model's business (its
+vectors as they are) and int64 `labels`. Its inputs are a tensor, or a `RowInputs` that reads
+them from their files by the block (`unlearning.data.rows`); everything here works on both. Normalisation is the model's business (its
 checkpoint records mean and std) and is applied per batch by `Split.batches(...,
 normalize=...)`. Where the rows come from is `unlearning.data.sources`' business.
 """
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from unlearning.data.rows import READ_BLOCK_ROWS, add_trigger, channel_moments, is_lazy
 from unlearning.errors import UserError
 
 if TYPE_CHECKING:
@@ -39,6 +41,9 @@ class Trigger:
     def subset(self, index: Tensor) -> Trigger:
         return Trigger(self.slot[index], self.clean, self.value, self.size)
 
+    def clean_rows(self, slots: Tensor) -> Tensor:
+        return take_inputs(self.clean, slots)
+
     def stamp_value(self, normalize: dict | None, dim: int) -> Tensor:
         """The patch value per channel on the normalised scale the augmented batches use."""
         return normalize_batch(self.value.view(1, -1, *([1] * (dim - 2))), normalize).flatten()
@@ -55,9 +60,11 @@ class Trigger:
                 return torch.full((n,), -1, dtype=torch.int64), template.clean[:0]
             return trigger.slot, trigger.clean
 
+        if first is not None and second is not None and first.clean is second.clean:
+            return Trigger(torch.cat([first.slot, second.slot]), first.clean, template.value, template.size)
         (slot_a, clean_a), (slot_b, clean_b) = parts(first, n_first), parts(second, n_second)
         slot_b = torch.where(slot_b >= 0, slot_b + len(clean_a), slot_b)
-        return Trigger(torch.cat([slot_a, slot_b]), torch.cat([clean_a, clean_b]), template.value, template.size)
+        return Trigger(torch.cat([slot_a, slot_b]), cat_inputs(clean_a, clean_b), template.value, template.size)
 
 
 @dataclass
@@ -74,7 +81,8 @@ class Split:
     def subset(self, index: Tensor) -> Split:
         fine = self.fine_labels[index] if self.fine_labels is not None else None
         trigger = self.trigger.subset(index) if self.trigger is not None else None
-        return Split(self.ids[index], self.inputs[index], self.labels[index], fine, trigger)
+        inputs = self.inputs.view(index) if is_lazy(self.inputs) else self.inputs[index]
+        return Split(self.ids[index], inputs, self.labels[index], fine, trigger)
 
     def where(self, mask: Tensor) -> Split:
         return self.subset(torch.nonzero(mask, as_tuple=True)[0])
@@ -88,7 +96,7 @@ class Split:
         )
         return Split(
             torch.cat([self.ids, other.ids]),
-            torch.cat([self.inputs, other.inputs]),
+            cat_inputs(self.inputs, other.inputs),
             torch.cat([self.labels, other.labels]),
             fine,
             Trigger.concat(self.trigger, len(self), other.trigger, len(other)),
@@ -113,22 +121,43 @@ class Split:
         )
         trigger = self.trigger if augment is not None else None
         stamp = trigger.stamp_value(normalize, self.inputs.dim()) if trigger is not None else None
-        for start in range(0, len(self), batch_size):
-            index = order[start : start + batch_size]
+        for index, raw in self._row_batches(order, batch_size):
             if augment is None:
-                yield normalize_batch(self.inputs[index], normalize), self.labels[index]
+                yield normalize_batch(raw, normalize), self.labels[index]
                 continue
-            raw, triggered = self.inputs[index], None
+            triggered = None
             if trigger is not None:
                 slot = trigger.slot[index]
                 if bool((slot >= 0).any()):
                     triggered = slot >= 0
                     raw = raw.clone()
-                    raw[triggered] = trigger.clean[slot[triggered]]
+                    raw[triggered] = trigger.clean_rows(slot[triggered])
             inputs = augment(normalize_batch(raw, normalize))
             if triggered is not None:
                 inputs[triggered] = add_trigger(inputs[triggered], stamp, trigger.size)
             yield inputs, self.labels[index]
+
+    def _row_batches(self, order: Tensor, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """(row index, inputs) per batch; inputs in files are read a block of batches at a time."""
+        step = batch_size * max(1, READ_BLOCK_ROWS // batch_size) if is_lazy(self.inputs) else batch_size
+        for block_start in range(0, len(order), step):
+            block = order[block_start : block_start + step]
+            inputs = take_inputs(self.inputs, block)
+            for start in range(0, len(block), batch_size):
+                yield block[start : start + batch_size], inputs[start : start + batch_size]
+
+
+def take_inputs(inputs, index: Tensor) -> Tensor:
+    """Rows `index` of a tensor, or read from their files."""
+    return inputs.read(index.numpy()) if is_lazy(inputs) else inputs[index]
+
+
+def cat_inputs(first, second):
+    if is_lazy(first) and is_lazy(second):
+        return first.concat(second)
+    if is_lazy(first) or is_lazy(second):
+        return torch.cat([take_inputs(x, torch.arange(len(x))) for x in (first, second)])
+    return torch.cat([first, second])
 
 
 def normalize_batch(inputs: Tensor, normalize: dict | None) -> Tensor:
@@ -160,6 +189,10 @@ class Dataset:
         """Per-channel mean and std of the training images (None for feature vectors)."""
         if self.input_kind != "image":
             return None
+        if is_lazy(self.train.inputs):
+            mean, std = channel_moments(self.train.inputs)
+            std = std.clamp_min(1e-6)
+            return {"mean": [round(float(m), 6) for m in mean], "std": [round(float(s), 6) for s in std]}
         dims = [0] + list(range(2, self.train.inputs.dim()))
         mean = self.train.inputs.mean(dim=dims)
         std = self.train.inputs.std(dim=dims).clamp_min(1e-6)
@@ -175,10 +208,3 @@ class Dataset:
             missing = ids[~found][:3].tolist()
             raise UserError(f"forget ids not in the training data: {missing}")
         return order[position]
-
-
-def add_trigger(inputs: Tensor, value: Tensor, size: int = 3) -> Tensor:
-    """A size x size patch in the bottom-right corner set to `value` (per channel)."""
-    out = inputs.clone()
-    out[..., -size:, -size:] = value.view(-1, 1, 1)
-    return out

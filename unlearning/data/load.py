@@ -1,4 +1,7 @@
-"""The in-memory loader: a data spec -> a `Dataset`, every row read through `sources`.
+"""The loaders: a data spec -> a `Dataset`, every row read through `sources`.
+
+`load_dataset` decodes every row into memory; `open_dataset` leaves inputs in their files
+(`unlearning.data.rows.RowInputs`, read by the block), which is what a deletion request uses.
 
 `load_dataset("digits")`, a Parquet file, a directory with train/test Parquet, or an image
 folder, optionally followed by benchmark-task modifiers (`+poison:...`, `+coarse:...`,
@@ -12,6 +15,7 @@ import os
 import torch
 
 from unlearning.data.containers import Dataset, Split
+from unlearning.data.rows import RowInputs
 from unlearning.data.sources import (
     SPLIT_SEED,
     TEST_FRACTION,
@@ -47,10 +51,20 @@ def load_source(source: RowSource) -> Dataset:
         train, test = (whole.subset(torch.from_numpy(rows.file_rows())) for rows in (source.train, source.test))
     else:
         train, test = load_split(source.train, where), load_split(source.test, where)
+    check_source_keys(source, train, test)
+    return source_dataset(source, train, test)
+
+
+def check_source_keys(source: RowSource, train: Split, test: Split) -> None:
+    """Ids unique, labels non-negative: what every loader checks before anything else."""
     _check_ids(source, train, test)
     for split in (train, test):
         if len(split) and int(split.labels.min()) < 0:
-            raise UserError(f"{where}: labels must be non-negative integers")
+            raise UserError(f"{source.spec}: labels must be non-negative integers")
+
+
+def source_dataset(source: RowSource, train: Split, test: Split) -> Dataset:
+    """The `Dataset` of a source's two splits (in memory or left in place)."""
     num_classes, names = _classes(source, train, test)
     return Dataset(
         name=source.name,
@@ -82,3 +96,21 @@ def _classes(source: RowSource, train: Split, test: Split) -> tuple[int, list[st
     pairs = table.label_names()
     return num_classes, [str(pairs.get(k, k)) for k in range(num_classes)]
 
+
+def open_dataset(spec: str | os.PathLike) -> Dataset:
+    """`load_dataset(spec)` with every input left in its file: same ids, labels, fingerprint."""
+    base, *modifiers = str(spec).split("+")
+    source = open_source(base)
+    train, test = (_lazy_split(rows, source.spec) for rows in (source.train, source.test))
+    check_source_keys(source, train, test)
+    dataset = source_dataset(source, train, test)
+    for modifier in modifiers:
+        dataset = apply_modifier(dataset, modifier, str(spec))
+    return dataset
+
+
+def _lazy_split(rows: SplitRows, where: str) -> Split:
+    ids, labels = rows.table.keys(rows.file_rows())
+    first = rows.read(0, 1) if len(rows) else None
+    shape = tuple(decode_rows(first, where)[1].shape[1:]) if first is not None else ()
+    return Split(torch.from_numpy(ids), RowInputs(rows, shape, where), torch.from_numpy(labels))

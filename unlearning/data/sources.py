@@ -92,25 +92,25 @@ class ParquetTable:
         file = pq.ParquetFile(self.path)
         if len(rows) == self.num_rows:  # every row: no row-group arithmetic
             table = file.read(columns=columns)
-        else:  # only the row groups holding these rows, however scattered
+        else:  # only the row groups holding these rows, one at a time, however scattered
             groups = np.searchsorted(self.group_starts, rows, side="right") - 1
-            needed = np.unique(groups)
-            table = file.read_row_groups(needed.tolist(), columns=columns)
-            sizes = np.array([file.metadata.row_group(int(g)).num_rows for g in needed], dtype=np.int64)
-            offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])  # each group's start in `table`
-            local = offsets[np.searchsorted(needed, groups)] + rows - self.group_starts[groups]
-            table = table.take(pa.array(local))
-        raw = {
-            "id": np.asarray(table.column("id").to_numpy(), dtype=np.int64),
-            "label": np.asarray(table.column("label").to_numpy(), dtype=np.int64),
-        }
-        values = table.column(self.input_kind).to_pylist()
-        if self.input_kind == "image":
-            raw["image"] = np.empty(len(values), dtype=object)
-            raw["image"][:] = values
-        else:
-            raw["features"] = values
+            parts = []
+            for group in np.unique(groups).tolist():  # at most one row group decoded at once
+                local = rows[groups == group] - self.group_starts[group]
+                parts.append(file.read_row_group(group, columns=columns).take(pa.array(local)))
+            table = pa.concat_tables(parts)
+        raw = arrow_inputs(table, self.input_kind)
+        raw["label"] = np.asarray(table.column("label").to_numpy(), dtype=np.int64)
         return raw
+
+    def keys(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(id, label) of file rows `rows`, only those two columns read."""
+        import pyarrow.parquet as pq
+
+        table = pq.ParquetFile(self.path).read(columns=["id", "label"])
+        ids = np.asarray(table.column("id").to_numpy(), dtype=np.int64)
+        labels = np.asarray(table.column("label").to_numpy(), dtype=np.int64)
+        return ids[rows], labels[rows]
 
     def label_names(self) -> dict[int, str]:
         """label -> label_name, if the file has a `label_name` column."""
@@ -124,6 +124,32 @@ class ParquetTable:
 
     def fingerprint_parts(self) -> list[bytes]:
         return [file_digest(self.path)]
+
+
+def arrow_inputs(table, input_kind: str) -> dict[str, np.ndarray]:
+    """`id` and the input column of an Arrow table (a Parquet read, or a Ray Data block), raw."""
+    raw = {"id": np.asarray(table.column("id").to_numpy(), dtype=np.int64)}
+    if input_kind == "image":
+        values = table.column("image").to_pylist()
+        raw["image"] = np.empty(len(values), dtype=object)
+        raw["image"][:] = values
+    else:
+        raw["features"] = _feature_rows(table.column("features"))
+    return raw
+
+
+def _feature_rows(column):
+    """A list column as a 2-D array when every row has the same length (fast), else a list."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)) and column.null_count == 0 and len(column):
+        lengths = pc.list_value_length(column).to_numpy()
+        if (lengths == lengths[0]).all() and not pa.types.is_nested(column.type.value_type):
+            values = column.flatten().to_numpy(zero_copy_only=False)
+            return np.asarray(values, dtype=np.float32).reshape(len(column), int(lengths[0]))
+    return column.to_pylist()
 
 
 @dataclass
@@ -158,6 +184,9 @@ class ImageFolderTable:
         images[:] = [Path(self.files[i]).read_bytes() for i in rows]
         return {"id": np.asarray(rows, dtype=np.int64), "label": self.labels[rows], "image": images}
 
+    def keys(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return np.asarray(rows, dtype=np.int64), self.labels[rows]
+
     def fingerprint_parts(self) -> list[bytes]:
         digest = hashlib.sha256()
         for file in self.files:
@@ -189,6 +218,9 @@ class DigitsTable:
 
     def read(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         return {"id": np.asarray(rows, dtype=np.int64), "label": self.labels[rows], "pixels": self.pixels[rows]}
+
+    def keys(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return np.asarray(rows, dtype=np.int64), self.labels[rows]
 
     def fingerprint_parts(self) -> list[bytes]:
         return [b"digits", self.pixels.tobytes(), self.labels.tobytes()]

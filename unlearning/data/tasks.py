@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from unlearning.data.containers import Dataset, Split, Trigger, add_trigger
 from unlearning.data.forget import ForgetSet
+from unlearning.data.rows import Stamp, channel_extremes, is_lazy
 from unlearning.data.sources import fingerprint_bytes
 from unlearning.errors import UserError
 
@@ -104,16 +106,25 @@ def poison_task(
     train = dataset.train
     n_poison = max(1, int(round(rate * len(train))))
     rows = torch.randperm(len(train), generator=generator)[:n_poison].sort().values
-    channel_max = train.inputs.amax(dim=[0] + list(range(2, train.inputs.dim())))
-    inputs, labels = train.inputs.clone(), train.labels.clone()
-    clean_labels = labels[rows].clone()
-    inputs[rows] = add_trigger(inputs[rows], channel_max, patch)
+    clean_labels = train.labels[rows].clone()
+    labels = train.labels.clone()
     labels[rows] = target
+    if is_lazy(train.inputs):  # stamped as rows are decoded, wherever that happens
+        channel_max = channel_extremes(train.inputs)
+        value = tuple(channel_max.tolist())
+        poisoned_rows = np.sort(train.inputs.file_rows()[rows.numpy()])
+        inputs = replace(train.inputs, stamp=Stamp(value, patch, poisoned_rows))
+        clean = train.inputs.view(rows)
+    else:
+        channel_max = train.inputs.amax(dim=[0] + list(range(2, train.inputs.dim())))
+        inputs = train.inputs.clone()
+        inputs[rows] = add_trigger(inputs[rows], channel_max, patch)
+        clean = train.inputs[rows].clone()
     n_identified = max(1, int(round(identified_fraction * n_poison)))
     identified_rows = rows[torch.randperm(n_poison, generator=generator)[:n_identified]].sort().values
     slot = torch.full((len(train),), -1, dtype=torch.int64)
     slot[rows] = torch.arange(n_poison)
-    trigger = Trigger(slot, train.inputs[rows].clone(), channel_max, patch)
+    trigger = Trigger(slot, clean, channel_max, patch)
     poisoned = replace(
         dataset,
         train=Split(train.ids, inputs, labels, train.fine_labels, trigger),
@@ -123,7 +134,11 @@ def poison_task(
         notes={**dataset.notes, "poison": {"rate": rate, "target": target, "seed": seed}},
     )
     test = dataset.test.where(dataset.test.labels != target)
-    triggered = Split(test.ids, add_trigger(test.inputs, channel_max, patch), test.labels)
+    if is_lazy(test.inputs):
+        triggered_inputs = replace(test.inputs, stamp=Stamp(tuple(channel_max.tolist()), patch))
+    else:
+        triggered_inputs = add_trigger(test.inputs, channel_max, patch)
+    triggered = Split(test.ids, triggered_inputs, test.labels)
     identified = ForgetSet("poison:identified", "poison", train.ids[identified_rows])
     task = PoisonTask(poisoned, train.ids[rows], identified, triggered, clean_labels, target)
     poisoned.poison = task

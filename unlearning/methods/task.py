@@ -10,8 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from unlearning.data import Dataset, ForgetSet, Split
-from unlearning.importance import ImportanceSums, compute_importance_sums
-from unlearning.metrics import accuracy, predict_logits
+from unlearning.passes import LocalExecutor
 from unlearning.search import forget_target, request_rho
 from unlearning.training import TrainConfig
 
@@ -41,11 +40,15 @@ class UnlearningTask:
     full_importance_mode: str | None = None
     rho: float | None = None  # poison requests: target = rho * original forget accuracy
     progress: Callable[[dict], None] | None = None  # gets {"step", "forget_acc"} per search step
-    # Optional place to compute an importance elsewhere (e.g. on a Ray cluster):
-    # (split, kind, mode, batch_size, shuffled) -> ImportanceSums, or None to compute it here.
-    importance_backend: Callable[[Split, str, str, int, bool], ImportanceSums | None] | None = None
+    # Where passes over rows run (unlearning.passes): in this process by default, or on a Ray
+    # cluster for large splits (pipelines.distributed.RayExecutor).
+    executor: LocalExecutor | None = None
     cache: dict = field(default_factory=dict)
     importance_seconds: float = 0.0  # time spent computing importances (reported apart)
+
+    def __post_init__(self):
+        if self.executor is None:
+            self.executor = LocalExecutor(self.device)
 
     @property
     def forget_fraction(self) -> float:
@@ -72,13 +75,10 @@ class UnlearningTask:
                 "retain": self.retain_split,
                 "forget": self.forget_split,
             }[which]
-            sums = None
-            if self.importance_backend is not None:
-                sums = self.importance_backend(split, kind, self.importance_mode, self.batch_size, self.shuffle_batches)
-            if sums is None:
-                sums = compute_importance_sums(
-                    self.model, self.batches(split), kind=kind, mode=self.importance_mode, device=self.device
-                )
+            sums = self.executor.importance(
+                self.model, split, kind, self.importance_mode, self.batch_size, self.normalize,
+                shuffle=self.shuffle_batches, seed=self.seed,
+            )
             result = sums.mean()
         self.cache[key] = result
         if which != "retain" or not self._store_gives_retain(kind):
@@ -113,11 +113,11 @@ class UnlearningTask:
         key = ("accuracy", which)
         if key not in self.cache:
             if which == "forget":
-                self.cache[key] = accuracy(self.model, self.forget_split, self.normalize)
+                self.cache[key] = self.accuracy(self.model, self.forget_split)
             else:
                 test = self.dataset.test
-                logits = predict_logits(self.model, test, self.normalize)
-                correct = (logits.argmax(dim=1) == test.labels).double()
+                [outcomes] = self.executor.outcomes([self.model], test, self.normalize)
+                correct = (outcomes.pred == test.labels).double()
                 fine = self.forget.kind == "subclass" and test.fine_labels is not None
                 groups_test = test.fine_labels if fine else test.labels
                 groups_forget = self.forget_split.fine_labels if fine else self.forget_split.labels
@@ -146,4 +146,9 @@ class UnlearningTask:
         )
 
     def forget_accuracy(self, model: nn.Module) -> float:
-        return accuracy(model, self.forget_split, self.normalize)
+        return self.accuracy(model, self.forget_split)
+
+    def accuracy(self, model: nn.Module, split: Split) -> float:
+        """`model`'s accuracy on `split`, in one outcome pass wherever the executor runs it."""
+        [outcomes] = self.executor.outcomes([model], split, self.normalize)
+        return outcomes.accuracy(split.labels)

@@ -1,0 +1,102 @@
+"""Outcome passes on Ray: long-lived evaluator actors that read, decode and predict.
+
+A request makes many outcome passes (the original's accuracy, one per search step, the final
+metrics), so the actors live as long as the request: torch is imported once per actor, not
+once per pass. Each pass streams the split through Ray Data's reader
+(`RaySplit.dataset().streaming_split`), every actor decodes its share with the library's
+decoder and returns, per model, each row's predicted class and entropy. A split seen a second
+time is kept decoded in the actors (up to `KEEP_BYTES` each), so later passes over it, such
+as a search's steps over D_f, read nothing at all.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from unlearning.passes import EVAL_BATCH, Outcomes, predict_outcomes
+
+KEEP_BYTES = 512 << 20  # decoded rows an evaluator keeps between passes
+
+
+class RowEvaluator:
+    """One evaluator actor: its share of a split's rows in, each model's outcomes out."""
+
+    def __init__(self, threads: int):
+        torch.set_num_threads(threads)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.kept: dict[str, list[tuple[np.ndarray, torch.Tensor]]] = {}
+
+    def ready(self) -> bool:
+        return True
+
+    def stream(self, key: str, shard, rows, model_refs: list, keep: bool):
+        """Read and decode this actor's share, predict; keep the decoded rows if asked and they fit."""
+        models = self._models(model_refs)
+        parts, kept, size = [], [], 0
+        for batch in shard.iter_batches(batch_size=None, batch_format="pyarrow"):
+            index, inputs, _ = rows.decode(batch)
+            parts.append(self._predict(models, [(index, inputs)]))
+            if keep:
+                size += inputs.numel() * inputs.element_size()
+                keep = size <= KEEP_BYTES
+                kept = kept + [(index, inputs)] if keep else []
+        if keep:
+            self.kept[key] = kept
+        return self._join(parts, len(models)), keep
+
+    def again(self, key: str, model_refs: list):
+        """Outcomes over the rows kept under `key` (nothing is read)."""
+        return self._join([self._predict(self._models(model_refs), self.kept[key])], len(model_refs))
+
+    def load(self, key: str, rows) -> int:
+        """Read and keep every row of a split (a search's D_f, walked by each actor on its own)."""
+        if key not in self.kept:
+            self.kept[key] = [rows.decode(batch)[:2] for batch in rows.dataset().iter_batches(
+                batch_size=None, batch_format="pyarrow")]
+        return sum(len(index) for index, _ in self.kept[key])
+
+    def keep(self, key: str, blocks: list) -> int:
+        """Keep rows decoded elsewhere: [(split row numbers, normalised inputs)]."""
+        self.kept[key] = blocks
+        return sum(len(index) for index, _ in blocks)
+
+    def walk(self, key: str, labels: np.ndarray, model, importances: tuple, steps: list, target: float) -> list:
+        """PTN steps in order on the kept split, until one meets the target: [(step, forget acc)].
+
+        `model` and `importances` arrive as object-store references, which Ray resolves.
+        """
+        from unlearning.search import dampened_copy
+
+        model = model.to(self.device)
+        full, forget = importances
+        index = np.concatenate([i for i, _ in self.kept[key]])
+        truth = torch.from_numpy(labels[index])
+        path = []
+        for step in steps:
+            [found] = self._predict([dampened_copy(model, full, forget, step)], self.kept[key])[1]
+            path.append((step, found.accuracy(truth)))
+            if path[-1][1] <= target:
+                break
+        return path
+
+    def drop(self, key: str) -> None:
+        self.kept.pop(key, None)
+
+    def _models(self, model_refs: list) -> list[torch.nn.Module]:
+        import ray
+
+        return [model.to(self.device) for model in ray.get(model_refs)]
+
+    def _predict(self, models, blocks) -> tuple[np.ndarray, list[Outcomes]]:
+        index = np.concatenate([b[0] for b in blocks]) if blocks else np.empty(0, dtype=np.int64)
+        batches = ((inputs[start : start + EVAL_BATCH], None) for _, inputs in blocks
+                   for start in range(0, len(inputs), EVAL_BATCH))
+        return index, predict_outcomes(models, batches, self.device)
+
+    @staticmethod
+    def _join(parts, n_models: int) -> tuple[np.ndarray, list[Outcomes]]:
+        if not parts:
+            return np.empty(0, dtype=np.int64), [Outcomes.concat([]) for _ in range(n_models)]
+        index = np.concatenate([p[0] for p in parts])
+        return index, [Outcomes.concat([p[1][m] for p in parts]) for m in range(n_models)]

@@ -1,0 +1,106 @@
+"""A split's rows as a Ray Dataset: Ray Data's own readers, then one decode step.
+
+Rows enter through Ray Data's readers: `read_parquet` (only the `id` and input columns, and
+only the split's ids: a projection and an `id` filter Ray pushes down into the reader), `read_binary_files`
+for an image folder's files, `from_items` of row numbers for the built-in digits. `RaySplit`
+then turns a raw block into decoded, normalised rows through `unlearning.data.RowInputs.decode`
+(the library's one decoder, the poison trigger included), tagged with their row numbers in
+the split; labels come from the split, so `+coarse` and `+poison` relabelling hold on Ray too.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipelines.distributed.plan import DATA_TASK_CPUS
+from unlearning.data import RowInputs, Split, normalize_batch
+from unlearning.data.sources import DigitsTable, ImageFolderTable, ParquetTable, arrow_inputs
+
+
+@dataclass
+class RaySplit:
+    """What a Ray stage needs to read and decode rows of one split (picklable, a few bytes a row)."""
+
+    inputs: RowInputs
+    ids: np.ndarray  # split row i has id ids[i]
+    labels: np.ndarray  # the split's labels (after any relabelling)
+    normalize: dict | None
+    channels_last: bool = False
+
+    @classmethod
+    def of(cls, split: Split, normalize: dict | None, channels_last: bool = False) -> RaySplit:
+        return cls(split.inputs, split.ids.numpy(), split.labels.numpy(), normalize, channels_last)
+
+    @property
+    def table(self):
+        return self.inputs.rows.table
+
+    def dataset(self, index: np.ndarray | None = None):
+        """Raw rows of split rows `index` (default: all) through Ray Data's readers, lazily."""
+        import ray
+
+        index = np.arange(len(self.ids)) if index is None else np.asarray(index, dtype=np.int64)
+        table = self.table
+        if isinstance(table, ParquetTable):  # projection and id filter, pushed down to the reader
+            from ray.data.expressions import col
+
+            return (
+                ray.data.read_parquet(table.path, num_cpus=DATA_TASK_CPUS, file_extensions=None)
+                .select_columns(["id", table.input_kind], num_cpus=DATA_TASK_CPUS)
+                .filter(expr=col("id").is_in(self.ids[index].tolist()), num_cpus=DATA_TASK_CPUS)
+            )
+        if isinstance(table, ImageFolderTable):
+            files = [table.files[row] for row in self.inputs.file_rows()[index]]
+            return ray.data.read_binary_files(files, include_paths=True, num_cpus=DATA_TASK_CPUS, file_extensions=None)
+        if isinstance(table, DigitsTable):  # built into the driver: its row numbers, in blocks
+            # from_items builds blocks here; from_numpy would start 1-CPU tasks a busy cluster may not have
+            blocks = max(1, min(len(index) // 256, 64))
+            return ray.data.from_items([{"data": int(i)} for i in index], override_num_blocks=blocks)
+        raise TypeError(f"no Ray reader for {type(table).__name__}")
+
+    def split_rows(self, batch) -> np.ndarray:
+        """Which split rows a raw block (an Arrow table from `dataset`) holds."""
+        table = self.table
+        if isinstance(table, ParquetTable):
+            return self._by_key("ids", self.ids, np.asarray(batch.column("id").to_numpy(), dtype=np.int64))
+        if isinstance(table, ImageFolderTable):
+            file_row = {os.path.abspath(f): i for i, f in enumerate(table.files)}
+            rows = np.asarray([file_row[os.path.abspath(p)] for p in batch.column("path").to_pylist()], dtype=np.int64)
+            return self._by_key("file_rows", self.inputs.file_rows(), rows)
+        return np.asarray(batch.column("data").to_numpy(), dtype=np.int64)
+
+    def _by_key(self, name: str, keys: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+        lookup = getattr(self, f"_{name}_lookup", None)
+        if lookup is None:
+            order = np.argsort(keys, kind="stable")
+            lookup = (order, keys[order])
+            setattr(self, f"_{name}_lookup", lookup)
+        order, ordered = lookup
+        found = np.searchsorted(ordered, wanted).clip(max=len(ordered) - 1)
+        if len(wanted) and not np.array_equal(ordered[found], wanted):
+            raise RuntimeError("a Ray reader returned rows outside the split")
+        return order[found]
+
+    def decode(self, batch) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+        """A raw block -> (split row numbers, normalised inputs, labels)."""
+        rows = self.split_rows(batch)
+        table = self.table
+        file_rows = self.inputs.file_rows()[rows]
+        if isinstance(table, ParquetTable):
+            raw = arrow_inputs(batch, table.input_kind)
+            raw["label"] = self.labels[rows]
+            inputs = self.inputs.decode(raw, file_rows)
+        elif isinstance(table, ImageFolderTable):
+            images = np.empty(len(rows), dtype=object)
+            images[:] = batch.column("bytes").to_pylist()
+            inputs = self.inputs.decode({"id": file_rows, "label": self.labels[rows], "image": images}, file_rows)
+        else:
+            inputs = self.inputs.read(rows)
+        inputs = normalize_batch(inputs, self.normalize)
+        if self.channels_last:  # the in-process decoder's memory layout, hence its rounding
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        return rows, inputs, torch.from_numpy(self.labels[rows])

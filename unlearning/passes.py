@@ -1,0 +1,119 @@
+"""The passes over data a deletion request makes, and an executor that runs them here.
+
+A request reads its rows in two kinds of pass, and in no other way:
+- importance: `compute_importance_sums` over a split's batches -> `ImportanceSums`;
+- outcomes: for each of several models, every row's predicted class and softmax entropy
+  (`Outcomes`), from which accuracies, per-class accuracies, the MIA, the attack success rate
+  and the healed share all follow (`unlearning.evaluation`).
+
+An executor runs them. `LocalExecutor` runs them in this process, rows streamed a block at a
+time from where they live; `pipelines.distributed.RayExecutor` runs the same functions on Ray
+workers for large splits. Both give the same numbers, so a request's answer does not depend on
+where it ran (docs/implementation-notes.md, "One code path, two executors").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from unlearning.data import Split
+from unlearning.data.rows import is_lazy
+from unlearning.importance import ImportanceSums, compute_importance_sums
+from unlearning.metrics import entropy
+
+EVAL_BATCH = 512
+LOCAL_CACHE_BYTES = 256 << 20  # decoded rows of small splits kept between passes, per process
+
+
+@dataclass
+class Outcomes:
+    """One model's result on each row of a split: predicted class and softmax entropy."""
+
+    pred: Tensor  # int64
+    entropy: Tensor  # float64; NaN where the logits are not finite
+
+    def __len__(self) -> int:
+        return len(self.pred)
+
+    def select(self, index) -> Outcomes:
+        return Outcomes(self.pred[index], self.entropy[index])
+
+    def accuracy(self, labels: Tensor) -> float:
+        if len(labels) == 0:
+            return float("nan")
+        return float((self.pred == labels).double().mean())
+
+    @staticmethod
+    def concat(parts: Sequence[Outcomes]) -> Outcomes:
+        if not parts:
+            return Outcomes(torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.float64))
+        return Outcomes(torch.cat([p.pred for p in parts]), torch.cat([p.entropy for p in parts]))
+
+
+def outcomes_of_logits(logits: Tensor) -> Outcomes:
+    logits = logits.float()
+    scores = entropy(logits)
+    finite = torch.isfinite(logits).all(dim=1)
+    return Outcomes(logits.argmax(dim=1).cpu(), torch.where(finite, scores, torch.nan).cpu())
+
+
+@torch.no_grad()
+def predict_outcomes(models: Sequence[nn.Module], batches: Iterable[tuple[Tensor, Tensor]], device=None) -> list[Outcomes]:
+    """Each model's `Outcomes` over `batches` (eval mode; training flags restored)."""
+    flags = [m.training for m in models]
+    for model in models:
+        model.eval()
+    parts: list[list[Outcomes]] = [[] for _ in models]
+    try:
+        for inputs, _ in batches:
+            for model, found in zip(models, parts):
+                where = device or next(model.parameters()).device
+                found.append(outcomes_of_logits(model(inputs.to(where))))
+    finally:
+        for model, flag in zip(models, flags):
+            model.train(flag)
+    return [Outcomes.concat(found) for found in parts]
+
+
+class LocalExecutor:
+    """Every pass in this process; rows stream from where they live a block at a time.
+
+    The decoded rows of a split kept in files are cached between passes while they fit in
+    `cache_bytes` (a search evaluates the forget set once per step); larger splits are read
+    again each time, so this process never holds more than that many bytes of rows.
+    """
+
+    def __init__(self, device: str | torch.device = "cpu", cache_bytes: int = LOCAL_CACHE_BYTES):
+        self.device = torch.device(device)
+        self.cache_bytes = cache_bytes
+        self._cached: dict[int, tuple] = {}  # id(inputs) -> (split, batches, normalize, bytes)
+
+    def outcomes(self, models: Sequence[nn.Module], split: Split, normalize: dict | None) -> list[Outcomes]:
+        return predict_outcomes(models, self._eval_batches(split, normalize), self.device)
+
+    def importance(self, model: nn.Module, split: Split, kind: str, mode: str, batch_size: int,
+                   normalize: dict | None, shuffle: bool = False, seed: int = 0) -> ImportanceSums:
+        batches = split.batches(batch_size, shuffle=shuffle, seed=seed, normalize=normalize)
+        return compute_importance_sums(model, batches, kind=kind, mode=mode, device=self.device)
+
+    def _eval_batches(self, split: Split, normalize: dict | None):
+        if not is_lazy(split.inputs):
+            return split.batches(EVAL_BATCH, normalize=normalize)
+        key = id(split.inputs)
+        cached = self._cached.get(key)
+        if cached is not None and cached[0] is split and cached[2] == normalize:
+            return cached[1]
+        batches = split.batches(EVAL_BATCH, normalize=normalize)
+        size = len(split) * int(np.prod(split.inputs.row_shape)) * 4
+        if size <= self.cache_bytes - sum(c[3] for c in self._cached.values()):
+            batches = list(batches)
+            self._cached[key] = (split, batches, normalize, size)
+        return batches
+
+    def close(self) -> None:
+        self._cached.clear()
