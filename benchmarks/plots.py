@@ -83,11 +83,11 @@ def speed_ratios(result: dict) -> tuple[list[str], list[float]]:
             labels.append(f"importance {row['variant']}\nend-to-end / bare")
             values.append(row["rows_per_s"] / bare["rows_per_s"])
     if p:
-        labels.append("PTN: sequential /\nTune 2 trials")
-        values.append(p["sequential_seconds"] / p["tune_2_seconds"])
-        if "tune_1_seconds" in p:
-            labels.append("PTN: Tune 1 trial /\nTune 2 trials")
-            values.append(p["tune_1_seconds"] / p["tune_2_seconds"])
+        labels.append("PTN: sequential /\nRay 2 trials")
+        values.append(p["sequential_seconds"] / p["ray_2_seconds"])
+        if "ray_1_seconds" in p:
+            labels.append("PTN: Ray 1 trial /\nRay 2 trials")
+            values.append(p["ray_1_seconds"] / p["ray_2_seconds"])
     return labels, values
 
 

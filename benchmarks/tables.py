@@ -105,10 +105,10 @@ def ptn_lines(p) -> list[str]:
         f"| PTN sequential loop: steps to the answer, s per step, total s | "
         f"{p['steps_to_answer']}, {p['step_seconds']:.2f}, {p['sequential_seconds']:.1f} |",
     ]
-    for k in [k for k in (1, 2) if f"tune_{k}_seconds" in p]:
-        lines.append(f"| PTN on Tune, {k} trial(s): s (steps evaluated; same answer) | "
-                     f"{p[f'tune_{k}_seconds']:.1f} ({p[f'tune_{k}_steps_evaluated']}; {p[f'tune_{k}_same_answer']}) |")
-    lines.append(f"| **sequential / Tune with 2 trials** | **{p['sequential_seconds'] / p['tune_2_seconds']:.2f}×** |")
-    if "tune_1_seconds" in p:
-        lines.append(f"| **Tune 1 trial / Tune 2 trials** | **{p['tune_1_seconds'] / p['tune_2_seconds']:.2f}×** |")
+    for k in [k for k in (1, 2) if f"ray_{k}_seconds" in p]:
+        lines.append(f"| PTN on Ray, {k} trial(s): s (steps evaluated; same answer) | "
+                     f"{p[f'ray_{k}_seconds']:.1f} ({p[f'ray_{k}_steps_evaluated']}; {p[f'ray_{k}_same_answer']}) |")
+    lines.append(f"| **sequential / Ray with 2 trials** | **{p['sequential_seconds'] / p['ray_2_seconds']:.2f}×** |")
+    if "ray_1_seconds" in p:
+        lines.append(f"| **Ray 1 trial / Ray 2 trials** | **{p['ray_1_seconds'] / p['ray_2_seconds']:.2f}×** |")
     return lines

@@ -3,8 +3,9 @@
 1. throughput: importance on the Ray pipeline (1 and 2 workers) vs a bare loop
    (`benchmarks/importance_throughput.py`);
 2. retrain: SSD's unlearning step vs `retrain` on one class request;
-3. ptn: the PTN search (docs/methods.md#ptn-search), the sequential loop vs Ray Tune with
-   1 and 2 parallel trials on the same importances (answers checked equal).
+3. ptn: the PTN search (docs/methods.md#ptn-search), the sequential in-process loop vs
+   `unlearn search`'s parallel walk on Ray evaluator actors with 1 and 2 trials, on the same
+   importances (answers checked equal; the actors' start and D_f's shipping included).
 """
 
 from __future__ import annotations
@@ -80,22 +81,32 @@ def unlearn_vs_retrain(result, task, dataset, forget, scale, spec, fisher_second
 
 
 def ptn_speed(result, task, args, scale, fisher) -> None:
-    """Part 3: PTN, the sequential loop vs parallel Tune trials, on the same importances."""
-    ptn, sequential, target = sequential_ptn(task, fisher)
+    """Part 3: PTN, the sequential loop vs the parallel walk on Ray, on the same importances."""
+    from pipelines.ray_session import ensure_ray
+
+    ensure_ray()  # the request's session: started before the timings, as a request has it
+    from pipelines.search import SearchConfig
+
+    config = SearchConfig(chunk_size=args.chunk_size)
+    if args.ptn_start_divisor is not None:
+        config.start_divisor = args.ptn_start_divisor
+    ptn, sequential, target = sequential_ptn(task, fisher, config)
     for parallel in (2,) if scale.quick else (1, 2):
-        ptn.update(tune_ptn(task, parallel, args.chunk_size, target, sequential))
+        config.parallel = parallel
+        ptn.update(ray_ptn(task, config, target, sequential))
+    ptn["start_divisor"] = config.start_divisor
     ptn["chunk_size"] = args.chunk_size
     ptn["forget"] = task.forget.spec
     ptn["target"] = target
     result["ptn_parallel"] = ptn
 
 
-def sequential_ptn(task, fisher) -> tuple[dict, object, float]:
-    """(figures, the search result, the target) of the sequential walk with PTNConfig's defaults."""
+def sequential_ptn(task, fisher, config) -> tuple[dict, object, float]:
+    """(figures, the search result, the target) of the sequential in-process walk."""
     from unlearning.search import ptn_schedule, sequential_search
 
     forget_importance = task.importance("forget", "fisher")
-    schedule = ptn_schedule(fisher, forget_importance, task.forget_fraction)
+    schedule = ptn_schedule(fisher, forget_importance, task.forget_fraction, config.walk())
     target = task.search_target()  # the request kind's (docs/methods.md#forget-targets)
     started = time.perf_counter()
     found = sequential_search(task.model, fisher, forget_importance, schedule, task.forget_accuracy, target)
@@ -107,15 +118,18 @@ def sequential_ptn(task, fisher) -> tuple[dict, object, float]:
     return figures, found, target
 
 
-def tune_ptn(task, parallel: int, chunk_size: int, target: float, sequential) -> dict:
-    """The walk on Ray Tune with `parallel` trials; checked against the sequential answer."""
-    from pipelines.search import SearchConfig, parallel_ptn
+def ray_ptn(task, config, target: float, sequential) -> dict:
+    """The walk on `config.parallel` Ray evaluator actors (started inside the timing); checked
+    against the sequential answer."""
+    from pipelines.search import parallel_ptn
 
+    parallel, chunk_size = config.parallel, config.chunk_size
     started = time.perf_counter()
-    found, trials = parallel_ptn(task, SearchConfig(parallel=parallel, chunk_size=chunk_size), target)
+    found, trials = parallel_ptn(task, config, target)
     seconds = time.perf_counter() - started
+    task.executor.close()  # the next timing starts its actors afresh
     same = found.step == sequential.step and [a for _, a in found.path] == [a for _, a in sequential.path]
-    log(f"Tune PTN, {parallel} parallel trial(s), chunk {chunk_size}: {seconds:.1f} s, "
+    log(f"PTN on Ray, {parallel} parallel trial(s), chunk {chunk_size}: {seconds:.1f} s, "
         f"{len(trials)} steps evaluated, same answer as sequential: {same}")
-    return {f"tune_{parallel}_seconds": seconds, f"tune_{parallel}_steps_evaluated": len(trials),
-            f"tune_{parallel}_same_answer": same}
+    return {f"ray_{parallel}_seconds": seconds, f"ray_{parallel}_steps_evaluated": len(trials),
+            f"ray_{parallel}_same_answer": same}
