@@ -18,6 +18,7 @@ import os
 # 2-core machine) outweighs what 2 workers save below about this size (implementation-notes).
 DEFAULT_RAY_MIN_ROWS = 10_000
 DEFAULT_WORKERS = 2  # when the user names no worker count (capped at what the cluster holds)
+DATA_BLOCK_BYTES = 16 << 20  # Ray Data's largest block
 STORAGE_ENV = "AMNESIS_RAY_STORAGE"  # Ray Train/Tune storage: shared on multi-node clusters
 
 
@@ -52,6 +53,9 @@ def ensure_ray(num_cpus: int | None = None) -> dict:
                 **quiet,
             )
     context = DataContext.get_current()
+    # Blocks of a few MiB, not Ray's default 128 MiB: a reader, a decoder or an evaluator then
+    # holds a few blocks at a time, whatever the data set's size (benchmarks/RESULTS.md).
+    context.target_max_block_size = DATA_BLOCK_BYTES
     context.enable_progress_bars = False
     context.print_on_execution_start = False
     return dict(ray.cluster_resources())
