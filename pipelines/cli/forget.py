@@ -12,7 +12,7 @@ from unlearning.errors import UserError
 
 def add_commands(commands) -> None:
     forget = commands.add_parser("forget", help="process one deletion request")
-    search = commands.add_parser("search", help="a deletion request with a parallel search on Ray Tune")
+    search = commands.add_parser("search", help="a deletion request with a parallel search on Ray (PTN) or Ray Tune (TPE)")
     for sub in (forget, search):
         _request_arguments(sub, search_required=sub is search)
 
@@ -39,7 +39,7 @@ def _request_arguments(parser, search_required: bool) -> None:
     add("--batch-size", type=int, default=64, help="importance batch size (default 64)")
     add("--seed", type=int, default=0, help="seed of random:N forget sets and of the methods")
     add("--search", required=search_required, metavar="CONFIG",
-        help="a tune_configs/*.yaml search (PTN or TPE) run on Ray Tune")
+        help="a tune_configs/*.yaml search: PTN walked on Ray actors, TPE on Ray Tune")
     add("--model-name", help="registered model name in MLflow (default: ARCH-DATA)")
     add("--no-track", action="store_true", help="do not record the request in MLflow")
     add("--compare-retrain", action="store_true", help="also retrain from scratch, for comparison")

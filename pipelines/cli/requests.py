@@ -26,7 +26,7 @@ def add_commands(commands) -> None:
     process.add_argument("--data", required=True, help="the training data (as for train)")
     process.add_argument("--initial-model", help="checkpoint to start from if the model is not registered yet")
     process.add_argument("--importance", help="importance store of the original model")
-    process.add_argument("--search", metavar="CONFIG", help="search on Ray Tune instead of the default method")
+    process.add_argument("--search", metavar="CONFIG", help="a tune_configs/*.yaml search instead of the default method")
     process.add_argument("--method", default="ptn", help="a registered method (default: ptn search)")
     process.add_argument("--seed", type=int, default=0, help="seed of the methods")
     process.add_argument("--out-root", default="runs/requests", help="where batch run directories go")
