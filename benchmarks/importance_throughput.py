@@ -46,7 +46,7 @@ from unlearning.data.sources import decode_image
 CIFAR_NORMALIZE = {"mean": [0.4914, 0.4822, 0.4465], "std": [0.247, 0.2435, 0.2616]}
 
 
-def _processes():
+def processes():
     """(pid, title, peak RSS, current private RSS, minor page faults) of every readable process,
     from /proc; RSS in MiB.
 
@@ -91,7 +91,7 @@ class PeakRss:
 
     def _run(self):
         while True:
-            for pid, title, peak, private, minor_faults in _processes():
+            for pid, title, peak, private, minor_faults in processes():
                 kind = self._kind(pid, title)
                 if kind:
                     self.peaks[kind] = max(self.peaks.get(kind, 0.0), peak)

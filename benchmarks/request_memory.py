@@ -55,20 +55,10 @@ def generated(rows: int) -> Path:
 
 
 def private_memory() -> dict[int, tuple[str, float]]:
-    """pid -> (process title, RssAnon in MiB) of every python/ray process readable."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            title = (entry / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
-            status = (entry / "status").read_text()
-        except OSError:
-            continue
-        for line in status.splitlines():
-            if line.startswith("RssAnon:"):
-                found[int(entry.name)] = (title, int(line.split()[1]) / 1024)
-    return found
+    """pid -> (process title, RssAnon in MiB) of every readable process."""
+    from benchmarks.importance_throughput import processes
+
+    return {pid: (title, private) for pid, title, _, private, _ in processes()}
 
 
 def worker_kind(title: str) -> str | None:
