@@ -18,7 +18,12 @@ import torch
 from torch import nn
 
 from unlearning.data import Dataset, ForgetSet, PoisonTask
-from unlearning.metrics import membership_inference_entropy, predict_logits, zrf_score
+from unlearning.metrics import (
+    membership_inference_entropy,
+    per_class_accuracy,
+    predict_logits,
+    zrf_score,
+)
 from unlearning.passes import LocalExecutor, Outcomes
 
 
@@ -61,7 +66,7 @@ def evaluate_models(
 
 def _split_metrics(dataset: Dataset, forget: ForgetSet | None, in_forget, train: Outcomes, test: Outcomes) -> dict:
     labels, test_labels = dataset.train.labels, dataset.test.labels
-    per_class = per_class_accuracy(test, test_labels, dataset.num_classes)
+    per_class = per_class_accuracy(test.pred, test_labels, dataset.num_classes)
     if forget is None:
         return {"train_acc": train.accuracy(labels), "test_acc": test.accuracy(test_labels), "per_class_test_acc": per_class}
     retain, forgotten = train.select(~in_forget), train.select(in_forget)
@@ -78,15 +83,6 @@ def _split_metrics(dataset: Dataset, forget: ForgetSet | None, in_forget, train:
         metrics["test_forget_acc"] = test.select(in_forgotten).accuracy(test_labels[in_forgotten])
         metrics["test_retain_acc"] = test.select(~in_forgotten).accuracy(test_labels[~in_forgotten])
     return metrics
-
-
-def per_class_accuracy(outcomes: Outcomes, labels: torch.Tensor, num_classes: int) -> list[float]:
-    correct = outcomes.pred == labels
-    result = []
-    for k in range(num_classes):
-        mask = labels == k
-        result.append(float(correct[mask].double().mean()) if bool(mask.any()) else float("nan"))
-    return result
 
 
 def _zrf(model, random_model, dataset: Dataset, in_forget, normalize) -> float:

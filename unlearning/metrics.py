@@ -32,18 +32,24 @@ def predict_logits(
     return torch.cat(outputs)
 
 
-def accuracy_from_logits(logits: Tensor, labels: Tensor) -> float:
+def accuracy_of(predictions: Tensor, labels: Tensor) -> float:
+    """Share of predicted classes equal to the labels (NaN for no rows)."""
     if len(labels) == 0:
         return float("nan")
-    return float((logits.argmax(dim=1) == labels).double().mean())
+    return float((predictions == labels).double().mean())
+
+
+def accuracy_from_logits(logits: Tensor, labels: Tensor) -> float:
+    return accuracy_of(logits.argmax(dim=1), labels)
 
 
 def accuracy(model: nn.Module, split: Split, normalize: dict | None = None) -> float:
     return accuracy_from_logits(predict_logits(model, split, normalize), split.labels)
 
 
-def per_class_accuracy(logits: Tensor, labels: Tensor, num_classes: int) -> list[float]:
-    correct = logits.argmax(dim=1) == labels
+def per_class_accuracy(predictions: Tensor, labels: Tensor, num_classes: int) -> list[float]:
+    """Accuracy of the predicted classes on each class's rows (NaN for a class without rows)."""
+    correct = predictions == labels
     result = []
     for k in range(num_classes):
         mask = labels == k

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from unlearning.data import Split
 from unlearning.data.rows import is_lazy
 from unlearning.importance import ImportanceSums, compute_importance_sums
-from unlearning.metrics import entropy
+from unlearning.metrics import accuracy_of, entropy
 
 EVAL_BATCH = 512
 LOCAL_CACHE_BYTES = 256 << 20  # decoded rows of small splits kept between passes, per process
@@ -44,9 +44,7 @@ class Outcomes:
         return Outcomes(self.pred[index], self.entropy[index])
 
     def accuracy(self, labels: Tensor) -> float:
-        if len(labels) == 0:
-            return float("nan")
-        return float((self.pred == labels).double().mean())
+        return accuracy_of(self.pred, labels)
 
     @staticmethod
     def concat(parts: Sequence[Outcomes]) -> Outcomes:
