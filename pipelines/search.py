@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipelines.distributed.driver import check_first_row
+from pipelines.distributed.driver import check_first_row, cpu_model
 from pipelines.distributed.rows import RaySplit
 from pipelines.ray_session import ensure_ray, run_storage
 from unlearning.data.rows import is_lazy
@@ -194,7 +194,7 @@ def parallel_ptn(
     else:  # rows already in memory (the library API, the benchmarks): shipped once
         blocks = ray.put([(np.arange(len(split)), torch.cat([x for x, _ in split.batches(512, normalize=task.normalize)]))])
         ray.get([actor.keep.remote(key, blocks) for actor in pool])
-    model_ref, importances_ref = ray.put(task.model.cpu()), ray.put((full, forget))
+    model_ref, importances_ref = ray.put(cpu_model(task.model)), ray.put((full, forget))
     labels = split.labels.numpy()
     dealer, running, evaluated = ChunkDealer(-(-len(schedule) // config.chunk_size), config.chunk_size), {}, {}
     free = list(pool)
@@ -272,7 +272,7 @@ def tpe_search(task: UnlearningTask, config: SearchConfig, target: float) -> tup
     generator = torch.Generator().manual_seed(config.seed)
     sample = torch.randperm(len(task.retain_split), generator=generator)[: config.retain_sample]
     trainable = tune.with_parameters(
-        _tpe_trial, model=task.model.cpu(), full=full, forget=forget, forget_split=task.forget_split,
+        _tpe_trial, model=cpu_model(task.model), full=full, forget=forget, forget_split=task.forget_split,
         retain_split=task.retain_split.subset(sample.sort().values), normalize=task.normalize, target=target,
     )
     space = {"alpha": tune.loguniform(*config.alpha), "lam": tune.uniform(*config.lam)}

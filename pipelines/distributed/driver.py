@@ -150,7 +150,7 @@ def _fit(rows: RaySplit, plan, model, config: dict, cluster: dict, label: str | 
     channel = ray.remote(num_cpus=0)(RunChannel).remote()
     datasets = {f"rank{rank}": rank_dataset(rank, rows, plan) for rank in range(plan.workers)}
     storage, temporary = run_storage("amnesis-importance-")
-    model_ref = ray.put(model if _on_cpu(model) else copy.deepcopy(model).cpu())
+    model_ref = ray.put(cpu_model(model))
     trainer = _trainer({**config, "model": model_ref, "channel": channel, "plan": plan, "threads": threads},
                        datasets, plan.workers, use_gpu, per_worker, storage)
     stop, display = threading.Event(), None
@@ -174,8 +174,12 @@ def _fit(rows: RaySplit, plan, model, config: dict, cluster: dict, label: str | 
             shutil.rmtree(storage, ignore_errors=True)
 
 
-def _on_cpu(model: torch.nn.Module) -> bool:
-    return all(t.device.type == "cpu" for t in model.state_dict().values())
+def cpu_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The model as it goes into the object store: itself if on CPU, else a CPU copy (the
+    caller's model stays on its device)."""
+    if all(t.device.type == "cpu" for t in model.state_dict().values()):
+        return model
+    return copy.deepcopy(model).cpu()
 
 
 def cuda_on_gpu_nodes(cluster: dict) -> bool:

@@ -39,8 +39,9 @@ class RowEvaluator:
             parts.append(self._predict(models, [(index, inputs)]))
             if keep:
                 size += inputs.numel() * inputs.element_size()
-                keep = size <= KEEP_BYTES
-                kept = kept + [(index, inputs)] if keep else []
+                kept.append((index, inputs))
+                if size > KEEP_BYTES:  # too large to keep: stream it every time
+                    keep, kept = False, []
         if keep:
             self.kept[key] = kept
         return self._join(parts, len(models)), keep

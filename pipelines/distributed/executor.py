@@ -18,6 +18,7 @@ import torch
 from pipelines.distributed.driver import (
     check_first_row,
     compute_importance_on_ray,
+    cpu_model,
     cuda_on_gpu_nodes,
 )
 from pipelines.distributed.evaluators import RowEvaluator
@@ -63,7 +64,7 @@ class RayExecutor:
         started = time.monotonic()
         pool = self._evaluators()
         key = (id(split.inputs), id(split), repr(normalize))
-        refs = [ray.put(_cpu(model)) for model in models]
+        refs = [ray.put(cpu_model(model)) for model in models]
         name = f"{key[0]}-{key[1]}-{abs(hash(key[2]))}"
         if self._seen.get(key, (None, False))[1]:
             results = ray.get([actor.again.remote(name, refs) for actor in pool])
@@ -92,7 +93,7 @@ class RayExecutor:
         return self._pool
 
     def _evaluators(self) -> list:
-        return self.evaluators(len(self._pool) if self._pool is not None else None, self._share)
+        return self._pool if self._pool is not None else self.evaluators()
 
     def _start(self, count: int | None, gpu_share: float | None) -> list:
         import ray
@@ -128,14 +129,6 @@ class RayExecutor:
     def _record(self, what: str, split: Split, workers: int, started: float, **extra) -> None:
         self.runs.append({"pass": what, "rows": len(split), "workers": workers,
                           "seconds": round(time.monotonic() - started, 3), **extra})
-
-
-def _cpu(model: torch.nn.Module) -> torch.nn.Module:
-    if all(t.device.type == "cpu" for t in model.state_dict().values()):
-        return model
-    import copy
-
-    return copy.deepcopy(model).cpu()
 
 
 def _in_split_order(results, n_rows: int, n_models: int) -> list[Outcomes]:

@@ -30,6 +30,7 @@ class RaySplit:
     labels: np.ndarray  # the split's labels (after any relabelling)
     normalize: dict | None
     channels_last: bool = False
+    _file_row: dict | None = None  # an image folder's path -> file row, built on first use
 
     @classmethod
     def of(cls, split: Split, normalize: dict | None, channels_last: bool = False) -> RaySplit:
@@ -68,8 +69,10 @@ class RaySplit:
         if isinstance(table, ParquetTable):
             return self._by_key("ids", self.ids, np.asarray(batch.column("id").to_numpy(), dtype=np.int64))
         if isinstance(table, ImageFolderTable):
-            file_row = {os.path.abspath(f): i for i, f in enumerate(table.files)}
-            rows = np.asarray([file_row[os.path.abspath(p)] for p in batch.column("path").to_pylist()], dtype=np.int64)
+            if self._file_row is None:  # built once per stage, not per block
+                self._file_row = {os.path.abspath(f): i for i, f in enumerate(table.files)}
+            paths = batch.column("path").to_pylist()
+            rows = np.asarray([self._file_row[os.path.abspath(p)] for p in paths], dtype=np.int64)
             return self._by_key("file_rows", self.inputs.file_rows(), rows)
         return np.asarray(batch.column("data").to_numpy(), dtype=np.int64)
 

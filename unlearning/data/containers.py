@@ -189,13 +189,12 @@ class Dataset:
         """Per-channel mean and std of the training images (None for feature vectors)."""
         if self.input_kind != "image":
             return None
-        if is_lazy(self.train.inputs):
+        if is_lazy(self.train.inputs):  # streamed over blocks of rows
             mean, std = channel_moments(self.train.inputs)
-            std = std.clamp_min(1e-6)
-            return {"mean": [round(float(m), 6) for m in mean], "std": [round(float(s), 6) for s in std]}
-        dims = [0] + list(range(2, self.train.inputs.dim()))
-        mean = self.train.inputs.mean(dim=dims)
-        std = self.train.inputs.std(dim=dims).clamp_min(1e-6)
+        else:
+            dims = [0] + list(range(2, self.train.inputs.dim()))
+            mean, std = self.train.inputs.mean(dim=dims), self.train.inputs.std(dim=dims)
+        std = std.clamp_min(1e-6)
         return {"mean": [round(float(m), 6) for m in mean], "std": [round(float(s), 6) for s in std]}
 
     def index_of(self, ids: Tensor) -> Tensor:
