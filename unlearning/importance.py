@@ -11,7 +11,9 @@ l2        mean ||f(x)||_2^2                  |dL_b/dtheta|
 l2_norm   mean ||f(x)||_2                    |dL_b/dtheta|
 
 mode `batch` is the papers' reference: one gradient per mini-batch, mean over batches.
-mode `per_sample` is exact: one gradient per sample (torch.func.vmap), mean over samples.
+mode `per_sample` is exact: one gradient per sample, mean over samples. For models made of
+Linear, Conv1d/2d and normalisation layers they come from one hooked batch backward
+(per_sample.py, about a batch backward's cost); any other model goes through torch.func.vmap.
 
 Per-sample gradients are tens of MB a chunk; `keep_freed_memory` keeps glibc from handing them
 back to the OS after every chunk (docs/implementation-notes.md#per-sample-gradients-and-the-allocator).
@@ -30,6 +32,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from unlearning.errors import UserError
+from unlearning.per_sample import HEAP_BLOCK_BYTES, LayerwisePerSample
 
 KINDS = ("fisher", "l2", "l2_norm")
 MODES = ("batch", "per_sample")
@@ -110,8 +113,9 @@ def compute_importance_sums(
 ) -> ImportanceSums:
     """Partial importance over `batches` as (sum, count); the model is left as it was.
 
-    `per_sample_chunk` samples share one vmap call in per_sample mode (None: as many as both
-    `per_sample_chunk_size` and `heap_chunk_size` allow for this model).
+    `per_sample_chunk` samples share one vmap call in per_sample mode when the model needs vmap
+    (None: as many as both `per_sample_chunk_size` and `heap_chunk_size` allow for this model);
+    the layer-wise path sizes its own chunks, per layer.
 
     The model is put in eval mode for the pass (BatchNorm uses running statistics) and its
     training flag is restored afterwards; gradients are taken with autograd.grad / torch.func,
@@ -157,9 +161,8 @@ def per_sample_chunk_size(model: nn.Module, budget_bytes: int = PER_SAMPLE_BUDGE
     return max(1, min(MAX_PER_SAMPLE_CHUNK, budget_bytes // (3 * 4 * max(parameters, 1))))
 
 
-# glibc's malloc on 64-bit: blocks of HEAP_BLOCK_BYTES or more are mmapped (32 MiB is the largest
-# threshold it accepts); a thread's arena is a list of 64 MiB heaps (HEAP_MAX_SIZE).
-HEAP_BLOCK_BYTES = 32 << 20
+# glibc's malloc on 64-bit: blocks of HEAP_BLOCK_BYTES (per_sample.py) or more are mmapped (32 MiB
+# is the largest threshold it accepts); a thread's arena is a list of 64 MiB heaps (HEAP_MAX_SIZE).
 HEAP_BYTES = 64 << 20
 KEEP_FREED_BYTES = 1 << 30  # free memory the main heap keeps at its top before trimming it
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3  # mallopt parameters (malloc.h)
@@ -217,7 +220,27 @@ def _batch_step(model, kind, inputs, labels, result, _chunk) -> None:
     result.count += 1
 
 
+def _summed_loss(kind: str, logits: Tensor, labels: Tensor) -> Tensor:
+    """The sum over samples of each sample's own `_loss`."""
+    if kind == "fisher":
+        return F.cross_entropy(logits, labels, reduction="sum")
+    if kind == "l2":
+        return logits.pow(2).sum()
+    return logits.norm(p=2, dim=1).sum()
+
+
 def _per_sample_step(model, kind, inputs, labels, result, chunk) -> None:
+    layerwise = LayerwisePerSample.of(model)
+    if layerwise is not None and layerwise.step(
+        inputs, lambda logits: _summed_loss(kind, logits, labels),
+        (lambda g: g.square_()) if kind == "fisher" else (lambda g: g.abs_()), result.sums,
+    ):
+        result.count += len(inputs)
+        return
+    _vmap_per_sample_step(model, kind, inputs, labels, result, chunk)
+
+
+def _vmap_per_sample_step(model, kind, inputs, labels, result, chunk) -> None:
     params = {name: p.detach() for name, p in trainable_parameters(model).items()}
     buffers = dict(model.named_buffers())
 

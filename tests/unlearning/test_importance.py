@@ -195,3 +195,120 @@ def test_allocator_setting_is_made_once_and_is_a_no_op_without_glibc(monkeypatch
     monkeypatch.setattr(importance.os, "confstr", not_glibc)
     assert importance.keep_freed_memory() is False
     assert importance.keep_freed_memory() is False  # asked once: the answer is kept
+
+
+class _Mixed(nn.Module):
+    """Every layer kind the layer-wise per-sample path knows, in awkward settings: a grouped,
+    strided, dilated convolution with many output positions (grouped backward), a Conv1d
+    without bias over few positions (unfold), GroupNorm, LayerNorm over a sequence, an
+    in-place ReLU after a hooked layer, a Linear applied per position."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, stride=1, padding=2, dilation=2, groups=3)
+        self.group_norm = nn.GroupNorm(2, 6)
+        self.conv1d = nn.Conv1d(6, 4, 3, stride=2, padding=1, bias=False)
+        self.layer_norm = nn.LayerNorm(4)
+        self.head = nn.Linear(4, 5)
+
+    def forward(self, x):
+        h = torch.relu_(self.group_norm(self.conv(x)))  # 12 x 12 = 144 positions
+        h = self.conv1d(h.flatten(2)[:, :, :40]).transpose(1, 2)  # 20 positions
+        return self.head(self.layer_norm(h)).mean(dim=1)
+
+
+def _layerwise_and_vmap(model, x, y, kind):
+    from unlearning import importance
+    from unlearning.per_sample import LayerwisePerSample
+
+    model.eval()
+    layerwise, reference = (importance.empty_sums(model, kind, "per_sample") for _ in range(2))
+    assert LayerwisePerSample.of(model).step(
+        x, lambda logits: importance._summed_loss(kind, logits, y), lambda g: importance._accumulate(kind, g),
+        layerwise.sums,
+    )
+    importance._vmap_per_sample_step(model, kind, x, y, reference, 64)
+    return layerwise.sums, reference.sums
+
+
+@pytest.mark.parametrize("kind", ["fisher", "l2", "l2_norm"])
+@pytest.mark.parametrize("arch", ["resnet_small", "small_cnn", "mlp", "mixed"])
+def test_layerwise_per_sample_terms_equal_vmap(arch, kind):
+    """One hooked batch backward gives vmap's per-sample sums to float32 rounding, for every
+    layer kind and both convolution paths (BatchNorm in eval mode with running statistics)."""
+    torch.manual_seed(0)
+    if arch == "mixed":
+        model, shape = _Mixed(), (3, 12, 12)
+    else:
+        shape = (64,) if arch == "mlp" else (3, 16, 16)
+        model = unlearning.new_model(arch, 5, shape, seed=0, **({"width": 8} if arch == "resnet_small" else {}))
+    if arch == "resnet_small":  # running statistics away from 0 and 1, so BatchNorm's xhat matters
+        model.train()
+        with torch.no_grad():
+            model(torch.randn(32, *shape) * 3 + 1)
+    x, y = torch.randn(9, *shape), torch.randint(0, 5, (9,))
+    layerwise, reference = _layerwise_and_vmap(model, x, y, kind)
+    assert layerwise.keys() == reference.keys()
+    for name, expected in reference.items():
+        assert layerwise[name].dtype == torch.float64
+        torch.testing.assert_close(layerwise[name], expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))
+
+
+def test_layerwise_per_sample_chunks_a_layer_below_the_heap_block(monkeypatch):
+    """A layer's per-sample blocks are cut into row chunks (here 2 rows) and still add up."""
+    import unlearning.per_sample as per_sample
+
+    torch.manual_seed(0)
+    model = unlearning.new_model("small_cnn", 5, (3, 16, 16), seed=0)
+    x, y = torch.randn(7, 3, 16, 16), torch.randint(0, 5, (7,))
+    whole, _ = _layerwise_and_vmap(model, x, y, "fisher")
+    largest = max(p.numel() for p in model.parameters()) * 4
+    monkeypatch.setattr(per_sample, "HEAP_BLOCK_BYTES", 2 * largest + 1)
+    chunked, _ = _layerwise_and_vmap(model, x, y, "fisher")
+    for name in whole:
+        torch.testing.assert_close(chunked[name], whole[name], rtol=1e-12, atol=0)
+
+
+class _Shared(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.layer(torch.tanh(self.layer(x)))
+
+
+class _RawParameter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(4, 3)
+        self.offset = nn.Parameter(torch.randn(4))
+
+    def forward(self, x):
+        return self.layer(x + self.offset)
+
+
+@pytest.mark.parametrize("model_class", [_Shared, _RawParameter])
+def test_models_the_layerwise_path_cannot_split_fall_back_to_vmap(model_class):
+    """A layer called twice (its per-sample gradient is a sum the squares do not split) or a
+    parameter outside the known layers: per-sample sums still equal a one-sample loop."""
+    from unlearning.per_sample import LayerwisePerSample
+
+    torch.manual_seed(0)
+    model = model_class()
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    layerwise = LayerwisePerSample.of(model)
+    if layerwise is not None:  # the shared layer is found only when the forward pass runs
+        sums = {name: torch.zeros_like(p, dtype=torch.float64) for name, p in model.named_parameters()}
+        assert layerwise.step(x, lambda logits: torch.nn.functional.cross_entropy(logits, y, reduction="sum"),
+                              lambda g: g.square_(), sums) is False
+        assert all(float(s.abs().sum()) == 0 for s in sums.values())  # nothing added before refusing
+    got = compute_importance_sums(model, [(x, y)], kind="fisher", mode="per_sample")
+    params = dict(model.named_parameters())
+    for name, total in got.sums.items():
+        expected = sum(
+            torch.autograd.grad(torch.nn.functional.cross_entropy(model(x[i : i + 1]), y[i : i + 1]), params[name])[0]
+            .pow(2).double()
+            for i in range(len(x))
+        )
+        torch.testing.assert_close(total, expected, rtol=1e-5, atol=1e-9)
