@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 
 from unlearning.checkpoint import model_meta, new_model
-from unlearning.data import Split
 from unlearning.errors import UserError
 from unlearning.methods.registry import MethodOutput, register_method
 from unlearning.methods.task import UnlearningTask
@@ -75,11 +74,8 @@ def bad_teacher_method(
     kept = retain.subset(chosen)
     forget = task.forget_split
     # label 1 = "forget": follow the incompetent teacher; 0 = "retain": the competent one.
-    data = Split(
-        torch.cat([kept.ids, forget.ids]),
-        torch.cat([kept.inputs, forget.inputs]),
-        torch.cat([torch.zeros(len(kept), dtype=torch.int64), torch.ones(len(forget), dtype=torch.int64)]),
-    )
+    data = replace(kept, labels=torch.zeros(len(kept), dtype=torch.int64)).concat(
+        replace(forget, labels=torch.ones(len(forget), dtype=torch.int64)))  # rows in memory or in files
     student = copy.deepcopy(task.model).to(task.device).train()
     optimizer = torch.optim.Adam(student.parameters(), lr=lr)
     for epoch in range(epochs):
