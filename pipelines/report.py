@@ -62,6 +62,7 @@ class RequestReport:
     mlflow: MlflowEntry | None = None  # once recorded
     has_plots: bool = False
     passes_on_ray: list[dict] = field(default_factory=list)  # outcome passes on Ray: rows, workers, seconds
+    method_on_ray: dict | None = None  # a method with its own loop run as a Ray task: device, threads, seconds
 
     @property
     def reached(self) -> bool:
@@ -71,7 +72,7 @@ class RequestReport:
     def to_json(self) -> dict:
         data = asdict(self)
         data["parent"] = {"fingerprint": data.pop("parent_fingerprint")}
-        for optional in ("retrain_metrics", "retrain_seconds"):
+        for optional in ("retrain_metrics", "retrain_seconds", "method_on_ray"):
             if data[optional] is None:
                 del data[optional]
         if not self.has_plots:

@@ -173,9 +173,15 @@ def _load_store(path: str | None, model, dataset: Dataset, data_spec: str) -> tu
 
 def run_method_timed(task: UnlearningTask, method: str, params: dict) -> tuple[MethodOutput, dict]:
     """Run a registered method; seconds split into `importance` and `unlearn`."""
+    from pipelines.distributed import RayExecutor
+
     before = task.importance_seconds
     started = time.perf_counter()
-    output = unlearning.run_method(method, task, **params)
+    executor = task.executor
+    if unlearning.get_method(method).own_loop and isinstance(executor, RayExecutor) and executor.method_on_ray(task):
+        output = executor.run_method(task, method, params)
+    else:
+        output = unlearning.run_method(method, task, **params)
     total = time.perf_counter() - started
     importance = task.importance_seconds - before
     return output, {"importance": importance, "unlearn": total - importance}
@@ -223,6 +229,7 @@ def build_report(
         seed=task.seed, removed_before=removed_before,
         parent_fingerprint=model_meta(task.model).get("parent_fingerprint"),
         passes_on_ray=_ray_runs(task.executor, "outcomes"),
+        method_on_ray=(_ray_runs(task.executor, "method") or [None])[-1],
     )
 
 

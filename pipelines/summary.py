@@ -41,6 +41,9 @@ def print_report(report: RequestReport, out: str) -> None:
     for run in report.importance.on_ray:
         print(f"importance ({run['kind']}/{run['mode']}) of {run['rows']} rows ran on Ray: "
               f"{run['workers']} workers, {run['seconds']:.1f} s")
+    if report.method_on_ray:
+        run = report.method_on_ray
+        print(f"{run['method']} ran as a Ray task on {run['device']} ({run['threads']} threads), {run['seconds']:.1f} s")
     if report.passes_on_ray:
         rows = sum(run["rows"] for run in report.passes_on_ray)
         seconds = sum(run["seconds"] for run in report.passes_on_ray)

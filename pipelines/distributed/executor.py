@@ -6,10 +6,16 @@ executor runs them here, at or above it importance runs on a Ray Train worker gr
 (`compute_importance_on_ray`) and outcomes on long-lived evaluator actors
 (`evaluators.RowEvaluator`). Either way the rows are read where the pass runs; this process
 holds only ids, labels and what the passes return. `runs` records what ran where.
+
+Methods that read rows in their own training loop (retrain, finetune, amnesiac, bad_teacher,
+JiT: `Method.own_loop`) have no pass to hand over; when the request's splits are on Ray the
+whole method runs as one Ray task (`run_method`), which reads its rows there through the
+library's streaming reader, on a GPU where the cluster has one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
@@ -27,6 +33,7 @@ from pipelines.distributed.rows import RaySplit
 from pipelines.ray_session import DEFAULT_RAY_MIN_ROWS, ensure_ray, resolve_workers
 from unlearning.data import Split
 from unlearning.data.rows import is_lazy
+from unlearning.errors import UserError
 from unlearning.passes import LocalExecutor, Outcomes
 
 
@@ -55,6 +62,33 @@ class RayExecutor:
                                          progress=self.progress, label=f"importance of {len(split)} rows")
         self._record("importance", split, sums.meta["workers"], started, kind=kind, mode=mode)
         return sums
+
+    def method_on_ray(self, task) -> bool:
+        """Whether a method with its own loop runs on Ray: when either split it may read is."""
+        return self.on_ray(task.retain_split) or self.on_ray(task.forget_split)
+
+    def run_method(self, task, method: str, params: dict):
+        """Run a registered method as one Ray task where the data is read: a GPU where the
+        cluster has one (and CUDA works there), else the CPUs one importance worker would get."""
+        import ray
+
+        self.close()  # the task needs the evaluators' resources
+        cluster = ensure_ray()
+        use_gpu, resources, threads = worker_resources(cluster, 1, cuda_on_gpu_nodes(cluster))
+        started = time.monotonic()
+        shipped = dataclasses.replace(task, model=cpu_model(task.model), executor=LocalExecutor("cpu"), progress=None)
+        remote = ray.remote(_run_method_here).options(
+            num_cpus=resources.get("CPU", 0), num_gpus=resources.get("GPU", 0), max_retries=0)
+        try:
+            output, device = ray.get(remote.remote(shipped, method, params, threads, use_gpu))
+        except ray.exceptions.RayTaskError as error:  # a refusal stays one line, as in-process
+            if isinstance(error.cause, UserError):
+                raise error.cause from None
+            raise
+        self.runs.append({"pass": "method", "method": method, "device": device, "threads": threads,
+                          "seconds": round(time.monotonic() - started, 3)})
+        output.model = output.model.to(task.device)
+        return output
 
     def outcomes(self, models, split: Split, normalize) -> list[Outcomes]:
         if not self.on_ray(split):
@@ -129,6 +163,18 @@ class RayExecutor:
     def _record(self, what: str, split: Split, workers: int, started: float, **extra) -> None:
         self.runs.append({"pass": what, "rows": len(split), "workers": workers,
                           "seconds": round(time.monotonic() - started, 3), **extra})
+
+
+def _run_method_here(task, method: str, params: dict, threads: int, use_gpu: bool):
+    """In the Ray task: the method with its rows read here, on this worker's device."""
+    import unlearning
+
+    torch.set_num_threads(threads)
+    device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+    task.device, task.model, task.executor = device, task.model.to(device), LocalExecutor(device)
+    output = unlearning.run_method(method, task, **params)
+    output.model = cpu_model(output.model)
+    return output, device
 
 
 def _in_split_order(results, n_rows: int, n_models: int) -> list[Outcomes]:

@@ -230,3 +230,23 @@ def test_a_whole_poison_request_on_ray_equals_the_same_request_in_process(ray_se
         for key, value in expected.items():
             if isinstance(value, float) and value == value:
                 assert got[key] == pytest.approx(value, abs=1e-6), (which, key)
+
+
+@pytest.mark.parametrize("method, params", [("finetune", {"epochs": 1}), ("jit", {})])
+def test_a_method_with_its_own_loop_runs_as_a_ray_task_and_equals_the_in_process_run(
+        ray_session, digits_checkpoint, tmp_path, method, params):
+    """`--ray-min-rows 0` with a training method: the whole method runs in one Ray task that reads
+    its rows there, seeded as in-process; same metrics to training's float rounding."""
+    reports = {}
+    for name, min_rows in (("here", None), ("on-ray", 0)):
+        options = ForgetOptions(method=method, params=params, track=False, plots=False, ray_min_rows=min_rows,
+                                show_progress=False)
+        reports[name] = run_forget(str(digits_checkpoint), "digits", "class:2", str(tmp_path / name), options)
+    here, on_ray = reports["here"], reports["on-ray"]
+    assert here.method_on_ray is None
+    assert on_ray.method_on_ray["method"] == method and on_ray.method_on_ray["device"] == "cpu"
+    assert on_ray.params == here.params
+    assert here.metrics != here.original_metrics  # the method changed the model
+    for key, value in here.metrics.items():
+        if isinstance(value, float) and value == value:  # thread counts differ: float sums may too
+            assert on_ray.metrics[key] == pytest.approx(value, abs=0.01), key

@@ -15,7 +15,7 @@ from unlearning.methods.task import UnlearningTask
 from unlearning.training import TrainConfig, train
 
 
-@register_method("retrain", epochs=None)
+@register_method("retrain", own_loop=True, epochs=None)
 def retrain_method(task: UnlearningTask, epochs: int | None) -> MethodOutput:
     """Retrain from scratch on D_r with the original recipe (the gold standard)."""
     if task.train_config is None:
@@ -30,7 +30,7 @@ def retrain_method(task: UnlearningTask, epochs: int | None) -> MethodOutput:
     return MethodOutput(model.cpu(), {"epochs": config.epochs, "seed": config.seed})
 
 
-@register_method("finetune", epochs=5, lr=0.02)
+@register_method("finetune", own_loop=True, epochs=5, lr=0.02)
 def finetune_method(task: UnlearningTask, epochs: int, lr: float) -> MethodOutput:
     """Fine-tune on D_r only (SGD, momentum 0.9) and let the forget set fade."""
     model = copy.deepcopy(task.model)
@@ -39,7 +39,7 @@ def finetune_method(task: UnlearningTask, epochs: int, lr: float) -> MethodOutpu
     return MethodOutput(model.cpu(), {"epochs": epochs, "lr": lr})
 
 
-@register_method("amnesiac", epochs=3, lr=1e-4)
+@register_method("amnesiac", own_loop=True, epochs=3, lr=1e-4)
 def amnesiac_method(task: UnlearningTask, epochs: int, lr: float) -> MethodOutput:
     """Relabel D_f with random wrong labels, train on it mixed with D_r (Adam)."""
     generator = torch.Generator().manual_seed(task.seed)
@@ -57,7 +57,7 @@ def amnesiac_method(task: UnlearningTask, epochs: int, lr: float) -> MethodOutpu
     return MethodOutput(model.cpu(), {"epochs": epochs, "lr": lr})
 
 
-@register_method("bad_teacher", epochs=1, lr=1e-4, retain_share=0.3, temperature=1.0)
+@register_method("bad_teacher", own_loop=True, epochs=1, lr=1e-4, retain_share=0.3, temperature=1.0)
 def bad_teacher_method(
     task: UnlearningTask, epochs: int, lr: float, retain_share: float, temperature: float
 ) -> MethodOutput:

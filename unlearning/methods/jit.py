@@ -31,7 +31,7 @@ def lipschitz_ratio(outputs: torch.Tensor, noisy_outputs: torch.Tensor, inputs: 
     return output_change / input_change
 
 
-@register_method("jit", sigma=None, lr=None, copies=25)
+@register_method("jit", own_loop=True, sigma=None, lr=None, copies=25)
 def jit_method(task: UnlearningTask, sigma: float | None, lr: float | None, copies: int) -> MethodOutput:
     """JiT: one SGD pass over D_f that flattens the model around each forget sample."""
     default_sigma, default_lr = jit_defaults(model_meta(task.model)["arch"], task.forget.kind)

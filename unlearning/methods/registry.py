@@ -33,15 +33,20 @@ class Method:
     fn: Callable[..., MethodOutput]
     defaults: dict
     summary: str
+    own_loop: bool = False  # reads rows in its own loop (training), not through the task's executor
 
 
 METHODS: dict[str, Method] = {}
 
 
-def register_method(name: str, **defaults):
+def register_method(name: str, *, own_loop: bool = False, **defaults):
+    """Register `fn` as method `name` with parameter `defaults`. `own_loop`: the method reads
+    rows in its own training loop rather than through the task's passes (importance, outcomes),
+    so a pipeline that keeps rows out of its driver runs the whole method where the data is."""
+
     def decorator(fn):
         summary = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
-        METHODS[name] = Method(name, fn, defaults, summary)
+        METHODS[name] = Method(name, fn, defaults, summary, own_loop)
         return fn
 
     return decorator
