@@ -4,14 +4,15 @@ Importances are computed once on the driver and shared through the object store.
 report metrics; MLflow is written by the driver.
 
 Parallel PTN runs on the request's long-lived evaluator actors (`pipelines.distributed`), not
-on Tune: each keeps D_f decoded, so a step costs one dampening and one pass over rows in memory,
-with no per-trial process start or torch import (docs/implementation-notes.md, "Search without
-Tune's fixed cost"). The schedule (unlearning.search.ptn_schedule) is cut into chunks of
-`chunk_size` consecutive steps. A dealer hands chunks out in order to at most `parallel`
-actors; an actor walks its chunk in order and stops at its first step that meets the
-target. Once some step m has met it, no chunk starting after m is handed out. Every
-chunk starting at or before m is walked until it meets or ends, so every step before m has
-been evaluated: the least step that meets the target is exactly the sequential answer.
+on Tune, with no per-trial process start or torch import (docs/implementation-notes.md,
+"Search without Tune's fixed cost"). D_f is cut into one shard per actor, which the actor
+reads and keeps decoded; each step is evaluated by every actor on its shard and the driver adds
+up the rows each got right, so a step's forget accuracy is exactly the one over the whole of
+D_f. The schedule (unlearning.search.ptn_schedule) is dealt to every actor in the same order,
+`chunk_size` consecutive steps per call; actors do not wait for each other. Once some step m
+has met the target, no chunk starting after m is dealt. Every chunk starting at or before m
+has been dealt to every actor, so every step before m has been evaluated on all of D_f: the
+least step that meets the target is exactly the sequential answer.
 """
 
 from __future__ import annotations
@@ -130,17 +131,19 @@ def trial_device() -> str:
 
 
 class ChunkDealer:
-    """Hands chunks of the schedule out in order; none that starts after a step known to meet."""
+    """Hands each actor the schedule's chunks in order; none that starts after a step known to meet."""
 
     def __init__(self, n_chunks: int, chunk_size: int):
         self.n_chunks, self.chunk_size = n_chunks, chunk_size
-        self.next_chunk, self.best = 0, math.inf
+        self.next_chunk: dict = {}
+        self.best = math.inf
 
-    def next(self) -> int | None:
-        if self.next_chunk >= self.n_chunks or self.next_chunk * self.chunk_size > self.best:
+    def next(self, actor) -> int | None:
+        chunk = self.next_chunk.get(actor, 0)
+        if chunk >= self.n_chunks or chunk * self.chunk_size > self.best:
             return None
-        self.next_chunk += 1
-        return self.next_chunk - 1
+        self.next_chunk[actor] = chunk + 1
+        return chunk
 
     def met(self, step: int) -> None:
         self.best = min(self.best, step)
@@ -175,10 +178,9 @@ def _run_tuner(trainable, tune_config, name: str, resources: dict):
 def parallel_ptn(
     task: UnlearningTask, config: SearchConfig, target: float, progress=None
 ) -> tuple[SearchResult, list[dict]]:
-    """The PTN walk, chunks of steps walked in parallel by the request's evaluator actors.
+    """The PTN walk on the request's evaluator actors, each holding a shard of D_f.
 
-    Each actor keeps the whole D_f decoded and walks the chunks it is dealt; returns the same
-    answer as unlearning.search.sequential_search (see the module docstring).
+    Returns the same answer as unlearning.search.sequential_search (see the module docstring).
     """
     import ray
 
@@ -186,33 +188,43 @@ def parallel_ptn(
     forget = task.importance("forget", config.importance_kind)
     schedule = ptn_schedule(full, forget, task.forget_fraction, config.walk())
     executor = search_executor(task)
-    pool = executor.evaluators(config.parallel or default_parallel(config), trial_resources(config).get("gpu", 0.0))
-    key, split = f"search-{id(task)}", task.forget_split
-    if is_lazy(split.inputs):  # each actor reads D_f through Ray Data and keeps it decoded
+    split = task.forget_split
+    parallel = min(config.parallel or default_parallel(config), len(split))
+    pool = executor.evaluators(parallel, trial_resources(config).get("gpu", 0.0))
+    key, shards = f"search-{id(task)}", np.array_split(np.arange(len(split)), len(pool))
+    if is_lazy(split.inputs):  # each actor reads its shard through Ray Data and keeps it decoded
         rows = RaySplit.of(split, task.normalize, check_first_row(split, task.model, "the forget set"))
-        ray.get([actor.load.remote(key, rows) for actor in pool])
-    else:  # rows already in memory (the library API, the benchmarks): shipped once
-        blocks = ray.put([(np.arange(len(split)), torch.cat([x for x, _ in split.batches(512, normalize=task.normalize)]))])
-        ray.get([actor.keep.remote(key, blocks) for actor in pool])
-    model_ref, importances_ref = ray.put(cpu_model(task.model)), ray.put((full, forget))
+        ray.get([actor.load.remote(key, rows, shard) for actor, shard in zip(pool, shards)])
+    else:  # rows already in memory (the library API, the benchmarks): each actor gets its shard
+        inputs = torch.cat([x for x, _ in split.batches(512, normalize=task.normalize)])
+        ray.get([actor.keep.remote(key, [(shard, inputs[shard])]) for actor, shard in zip(pool, shards)])
+    state = [ray.put(cpu_model(task.model)), ray.put((full, forget))]  # nested: fetched once per actor
     labels = split.labels.numpy()
-    dealer, running, evaluated = ChunkDealer(-(-len(schedule) // config.chunk_size), config.chunk_size), {}, {}
-    free = list(pool)
-    while True:
-        while free and (chunk := dealer.next()) is not None:
-            actor = free.pop()
-            steps = schedule[chunk * config.chunk_size : (chunk + 1) * config.chunk_size]
-            running[actor.walk.remote(key, labels, model_ref, importances_ref, steps, target)] = actor
-        if not running:
-            break
-        [done], _ = ray.wait(list(running), num_returns=1)
-        free.append(running.pop(done))
-        for step, acc in ray.get(done):
-            evaluated[step.index] = (step, acc)
-            if acc <= target:
-                dealer.met(step.index)
-            if progress is not None:
-                progress({"step": step.index, "alpha": step.alpha, "lam": step.lam, PTN_METRIC: acc})
+    dealer = ChunkDealer(-(-len(schedule) // config.chunk_size), config.chunk_size)
+    running, counts, evaluated = {}, {}, {}
+    try:
+        while True:
+            for actor in pool:
+                if actor not in running.values() and (chunk := dealer.next(actor)) is not None:
+                    steps = schedule[chunk * config.chunk_size : (chunk + 1) * config.chunk_size]
+                    running[actor.walk.remote(key, labels, state, steps)] = actor
+            if not running:
+                break
+            [done], _ = ray.wait(list(running), num_returns=1)
+            running.pop(done)
+            for step, right, rows in ray.get(done):
+                total = counts.setdefault(step.index, [0, 0, 0])
+                total[0], total[1], total[2] = total[0] + right, total[1] + rows, total[2] + 1
+                if total[2] < len(pool):
+                    continue
+                acc = total[0] / total[1]
+                evaluated[step.index] = (step, acc)
+                if acc <= target:
+                    dealer.met(step.index)
+                if progress is not None:
+                    progress({"step": step.index, "alpha": step.alpha, "lam": step.lam, PTN_METRIC: acc})
+    finally:
+        ray.get([actor.drop.remote(key) for actor in pool])
     return _walk_result(schedule, evaluated, target)
 
 

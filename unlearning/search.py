@@ -76,7 +76,7 @@ class PTNConfig:
     max_steps: int = 500  # alpha-phase steps at most
     start_divisor: float = 25.0  # s_0 = |D_f| / N / start_divisor; larger starts gentler
     min_lambda: float = 1e-3  # where the lambda and threshold phases stop
-    chunk_size: int = 8  # consecutive steps per Tune trial (the parallel walk only)
+    chunk_size: int = 2  # consecutive steps per call to a search's actor (the parallel walk only)
     poison_rho: float = 0.1  # poison requests' default rho (the paper sweeps 0 ... 0.75)
 
     def check(self) -> PTNConfig:

@@ -26,6 +26,7 @@ class RowEvaluator:
         torch.set_num_threads(threads)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.kept: dict[str, list[tuple[np.ndarray, torch.Tensor]]] = {}
+        self.walks: dict[str, tuple] = {}  # a search's model, importances and D_f labels, by key
 
     def ready(self) -> bool:
         return True
@@ -50,10 +51,10 @@ class RowEvaluator:
         """Outcomes over the rows kept under `key` (nothing is read)."""
         return self._join([self._predict(self._models(model_refs), self.kept[key])], len(model_refs))
 
-    def load(self, key: str, rows) -> int:
-        """Read and keep every row of a split (a search's D_f, walked by each actor on its own)."""
+    def load(self, key: str, rows, index: np.ndarray | None = None) -> int:
+        """Read and keep split rows `index` (default: all), e.g. this actor's shard of a search's D_f."""
         if key not in self.kept:
-            self.kept[key] = [rows.decode(batch)[:2] for batch in rows.dataset().iter_batches(
+            self.kept[key] = [rows.decode(batch)[:2] for batch in rows.dataset(index).iter_batches(
                 batch_size=None, batch_format="pyarrow")]
         return sum(len(index) for index, _ in self.kept[key])
 
@@ -62,27 +63,30 @@ class RowEvaluator:
         self.kept[key] = blocks
         return sum(len(index) for index, _ in blocks)
 
-    def walk(self, key: str, labels: np.ndarray, model, importances: tuple, steps: list, target: float) -> list:
-        """PTN steps in order on the kept split, until one meets the target: [(step, forget acc)].
+    def walk(self, key: str, labels: np.ndarray, state: list, steps: list) -> list:
+        """PTN steps on the rows kept under `key`: [(step, rows right, rows)] for each step.
 
-        `model` and `importances` arrive as object-store references, which Ray resolves.
+        `state` is [model, (I^D, I^f)] as object-store references, fetched on this key's first
+        walk and kept with its rows (a walk is called once per chunk of steps).
         """
         from unlearning.search import dampened_copy
 
-        model = model.to(self.device)
-        full, forget = importances
-        index = np.concatenate([i for i, _ in self.kept[key]])
-        truth = torch.from_numpy(labels[index])
+        if key not in self.walks:
+            import ray
+
+            model, importances = ray.get(state)
+            index = np.concatenate([i for i, _ in self.kept[key]])
+            self.walks[key] = (model.to(self.device), importances, torch.from_numpy(labels[index]))
+        model, (full, forget), truth = self.walks[key]
         path = []
         for step in steps:
             [found] = self._predict([dampened_copy(model, full, forget, step)], self.kept[key])[1]
-            path.append((step, found.accuracy(truth)))
-            if path[-1][1] <= target:
-                break
+            path.append((step, int((found.pred == truth).sum()), len(truth)))
         return path
 
     def drop(self, key: str) -> None:
         self.kept.pop(key, None)
+        self.walks.pop(key, None)
 
     def _models(self, model_refs: list) -> list[torch.nn.Module]:
         import ray

@@ -94,6 +94,21 @@ def test_parallel_ptn_equals_the_sequential_loop(digits_checkpoint, spec):
     assert_parallel_ptn_is_the_sequential_walk(task, SearchConfig(chunk_size=3, parallel=2))
 
 
+def test_chunk_dealer_deals_every_actor_the_schedule_in_order_up_to_the_first_success():
+    """Each actor gets chunks 0, 1, 2, ... (every actor must see every step, on its shard);
+    once step 5 met, chunks starting after it are dealt to no one, those at or before it still are."""
+    from pipelines.search import ChunkDealer
+
+    dealer = ChunkDealer(n_chunks=5, chunk_size=2)  # chunks start at steps 0, 2, 4, 6, 8
+    assert [dealer.next("a") for _ in range(2)] == [0, 1]
+    assert dealer.next("b") == 0
+    dealer.met(5)
+    assert [dealer.next("a"), dealer.next("a")] == [2, None]  # chunk 2 starts at step 4 <= 5; chunk 3 at 6
+    assert [dealer.next("b"), dealer.next("b"), dealer.next("b")] == [1, 2, None]
+    dealer.met(1)
+    assert dealer.next("c") == 0 and dealer.next("c") is None
+
+
 def test_search_command_with_tpe_logs_each_trial_as_a_nested_run(tmp_path, capsys, digits_checkpoint):
     config = tmp_path / "tpe.yaml"
     config.write_text("search: tpe\nnum_samples: 6\nparallel: 2\nretain_sample: 300\n")
