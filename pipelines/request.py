@@ -312,11 +312,13 @@ def _run_prepared(prepared: PreparedRequest, model_path: str, version: dict | No
             files = write_report_files(prepared.task, report, prepared.dataset.class_names, staging)
             report.has_plots = True
         if options.track:
+            from pipelines.mlflow_model import example_rows
             from pipelines.tracking import log_request
 
             report.mlflow = log_request(
                 report, staging, name, model_path, unlearning.model_fingerprint(prepared.model), trials, files,
                 extra_tags={"batch_id": options.batch_tag} if options.batch_tag else None,
+                input_example=example_rows(prepared.dataset.test, prepared.task.normalize),
             )
             if fault_point is not None:
                 fault_point("logged")  # registered in MLflow, run directory not yet in place

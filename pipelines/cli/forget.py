@@ -19,6 +19,8 @@ def add_commands(commands) -> None:
     history = commands.add_parser("history", help="a registered model's versions and what each removed")
     history.add_argument("--model-name", required=True, help="the registered model")
     history.add_argument("--ids", action="store_true", help="also list the removed ids")
+    history.add_argument("--walk", action="store_true",
+                         help="also show each version's PTN walk (its run's metric history)")
     history.add_argument("--json", action="store_true", help="print JSON")
     history.set_defaults(func=cmd_history)
 
@@ -109,11 +111,14 @@ def cmd_forget(args) -> int:
 
 
 def cmd_history(args) -> int:
-    from pipelines.tracking import history, removed_ids, tracking_uri
+    from pipelines.tracking import history, removed_ids, tracking_uri, walk_history
 
     rows = history(args.model_name)
     if not rows:
         raise UserError(f"model {args.model_name!r} has no versions at {tracking_uri()}")
+    if args.walk:
+        for row in rows:
+            row["walk"] = walk_history(args.model_name, row["version"]) if row["role"] == "unlearned" else []
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -129,4 +134,10 @@ def cmd_history(args) -> int:
             if row["role"] == "unlearned":
                 removed = " ".join(map(str, removed_ids(args.model_name, row["version"])))
                 print(f"version {row['version']} removed: {removed}")
+    for row in rows if args.walk else []:
+        if row["walk"]:
+            print(f"version {row['version']} walk:  step  {'alpha':>10}  {'lambda':>8}  forget acc")
+            for step in row["walk"]:
+                print(f"{step['step']:>19}  {step['alpha']:>10.4g}  {step['lambda']:>8.4g}  "
+                      f"{100 * step['forget_acc']:>9.1f}%")
     return 0
