@@ -3,9 +3,9 @@
 Generates Parquet data sets of N rows of 256 float32 features (10 Gaussian classes, written
 once under benchmarks/cache/), trains one `mlp` on the smallest, then runs one
 `unlearn forget --forget class:3` per size in a fresh process, sampling every 0.2 s the
-private memory (RssAnon) of the driver and of every Ray worker process. Reported per size:
-the driver's peak RssAnon, each kind of Ray worker's peak, and the request's wall time split
-by pass (from report.json).
+private memory (RssAnon) of the driver and of every Ray worker process it started (not those
+of another Ray session on the machine). Reported per size: the driver's peak RssAnon, each
+kind of Ray worker's peak, and the request's wall time split by pass (from report.json).
 
     .venv/bin/python -m benchmarks.request_memory                      # 20,000 and 300,000 rows
     .venv/bin/python -m benchmarks.request_memory --rows 20000 300000 --method ptn
@@ -61,6 +61,19 @@ def private_memory() -> dict[int, tuple[str, float]]:
     return {pid: (title, private) for pid, title, _, private, _ in processes()}
 
 
+def descends_from(pid: int, root: int) -> bool:
+    """Whether process `pid` is `root` or below it: a request's Ray workers are children of the
+    raylet it started, so Ray processes of anyone else's session on the machine are not counted."""
+    while pid > 1:
+        if pid == root:
+            return True
+        try:  # field 4 of /proc/PID/stat: the parent
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            return False
+    return False
+
+
 def worker_kind(title: str) -> str | None:
     if not title.startswith("ray::"):
         return None
@@ -68,12 +81,13 @@ def worker_kind(title: str) -> str | None:
     return name if name and not name.startswith("IDLE") else "idle worker"
 
 
-def run_request(model: Path, data: Path, method: str, out: Path, before: set[int]) -> dict:
+def run_request(model: Path, data: Path, method: str, out: Path) -> dict:
     command = [sys.executable, "-m", "pipelines.cli", "--quiet", "forget", "--model", str(model), "--data", str(data),
                "--forget", "class:3", "--method", method, "--no-track", "--out", str(out)]
     started = time.monotonic()
     process = subprocess.Popen(command, cwd=REPO)
     peaks: dict[str, float] = {}
+    ours: set[int] = set()  # the request's Ray processes found so far
     stop = threading.Event()
 
     def sample():
@@ -81,7 +95,8 @@ def run_request(model: Path, data: Path, method: str, out: Path, before: set[int
             for pid, (title, rss) in private_memory().items():
                 if pid == process.pid:
                     peaks["driver"] = max(peaks.get("driver", 0), rss)
-                elif pid not in before and (kind := worker_kind(title)):
+                elif (kind := worker_kind(title)) and (pid in ours or descends_from(pid, process.pid)):
+                    ours.add(pid)
                     peaks[kind] = max(peaks.get(kind, 0), rss)
             stop.wait(0.2)
 
@@ -111,10 +126,9 @@ def main(argv=None) -> None:
                         "--arch", "mlp", "--epochs", "3", "--out", str(model)], cwd=REPO, check=True)
     results = {"command": " ".join([Path(sys.executable).name, "-m", "benchmarks.request_memory", *(argv or sys.argv[1:])]),
                "cpus": os.cpu_count(), "runs": {}}
-    before = set(private_memory())
     with tempfile.TemporaryDirectory() as scratch:
         for rows, path in data.items():
-            results["runs"][rows] = run_request(model, path, args.method, Path(scratch) / f"run-{rows}", before)
+            results["runs"][rows] = run_request(model, path, args.method, Path(scratch) / f"run-{rows}")
             print(rows, json.dumps(results["runs"][rows]["peak_rss_anon_mib"]), results["runs"][rows]["wall_seconds"], "s")
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(f"-> {args.out}")

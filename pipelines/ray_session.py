@@ -4,9 +4,11 @@ Every pipeline calls `ensure_ray()` first; calling it again is free. Without `RA
 new local cluster is started (`address="local"`, node address 127.0.0.1, no dashboard), so a
 command never joins another cluster on the machine by accident, nor trips over a stale
 `ray_current_cluster` file; with it, the command joins that cluster without passing
-resources. Ray's own log lines stay out of the user's terminal (`log_to_driver=False`,
-`logging_level="ERROR"`) and Ray Data's per-operator progress bars are off: pipelines draw
-their own progress.
+resources. Ray's own log lines stay out of the user's terminal (`logging_level="ERROR"`) and
+Ray Data's per-operator progress bars are off: pipelines draw their own progress. On a cluster
+(`RAY_ADDRESS` set, as it is for every `ray job submit` driver) what workers print or log is
+forwarded to the driver's stderr (`log_to_driver`), so `ray job logs` shows it; a local run
+keeps it in Ray's log files (Ray Train's workers log every start-up step at INFO).
 """
 
 from __future__ import annotations
@@ -18,7 +20,15 @@ import os
 # 2-core machine) outweighs what 2 workers save below about this size (implementation-notes).
 DEFAULT_RAY_MIN_ROWS = 10_000
 DEFAULT_WORKERS = 2  # when the user names no worker count (capped at what the cluster holds)
-DATA_BLOCK_BYTES = 16 << 20  # Ray Data's largest block
+DATA_BLOCK_BYTES = 16 << 20  # Ray Data's largest block, and its Parquet read tasks' bytes
+# Ray's knob for the bytes of row groups one Parquet read task gets (its default: 128 MiB). Read
+# by `read_parquet` in the process that calls it, so `data_settings` sets it there.
+PARQUET_TASK_BYTES_ENV = "RAY_DATA_PARQUET_BIN_PACKING_BYTES"
+# pyarrow's allocator, mimalloc, returns a freed page to the OS only after a delay, checked when
+# the freeing thread next allocates: a worker that had run Parquet read tasks (pyarrow reads on
+# ~160 threads) kept up to ~90 MiB that way. 0 returns pages at once; a local cluster's workers
+# inherit it from the driver (set it in a cluster's own environment to the same end).
+ARROW_FREED_PAGES_ENV = "MIMALLOC_PURGE_DELAY"
 STORAGE_ENV = "AMNESIS_RAY_STORAGE"  # Ray Train/Tune storage: shared on multi-node clusters
 
 
@@ -37,14 +47,14 @@ def available_cpus() -> int:
 def ensure_ray(num_cpus: int | None = None) -> dict:
     """Initialise Ray once (cluster at `RAY_ADDRESS`, or local); return the cluster's resources."""
     import ray
-    from ray.data import DataContext
 
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
-        quiet = {"log_to_driver": False, "logging_level": logging.ERROR, "configure_logging": True}
+        quiet = {"log_to_driver": bool(address), "logging_level": logging.ERROR, "configure_logging": True}
         if address:
             ray.init(address=address, **quiet)
         else:
+            os.environ.setdefault(ARROW_FREED_PAGES_ENV, "0")  # a user's own value wins
             ray.init(
                 address="local",
                 num_cpus=num_cpus or available_cpus(),
@@ -52,13 +62,26 @@ def ensure_ray(num_cpus: int | None = None) -> dict:
                 _node_ip_address="127.0.0.1",
                 **quiet,
             )
+    data_settings()
+    return dict(ray.cluster_resources())
+
+
+def data_settings() -> None:
+    """Ray Data in this process: blocks, and Parquet read tasks, of about DATA_BLOCK_BYTES.
+
+    Not Ray's 128 MiB for either: pyarrow decodes a read task's row groups ahead of what the
+    task has handed on, so a task given ~12 row groups held most of them at once. A read task
+    now gets one row group (or a few small ones), and a reader, a decoder or an evaluator holds
+    a few blocks at a time, whatever the data set's size (benchmarks/RESULTS.md). A Dataset
+    takes these when it is built, so whatever builds one calls this first (free to repeat).
+    """
+    from ray.data import DataContext
+
     context = DataContext.get_current()
-    # Blocks of a few MiB, not Ray's default 128 MiB: a reader, a decoder or an evaluator then
-    # holds a few blocks at a time, whatever the data set's size (benchmarks/RESULTS.md).
     context.target_max_block_size = DATA_BLOCK_BYTES
     context.enable_progress_bars = False
     context.print_on_execution_start = False
-    return dict(ray.cluster_resources())
+    os.environ.setdefault(PARQUET_TASK_BYTES_ENV, str(DATA_BLOCK_BYTES))  # a user's own value wins
 
 
 def resolve_workers(requested: int | None, cluster: dict) -> int:

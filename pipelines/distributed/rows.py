@@ -1,8 +1,10 @@
 """A split's rows as a Ray Dataset: Ray Data's own readers, then one decode step.
 
 Rows enter through Ray Data's readers: `read_parquet` (only the `id` and input columns, and
-only the split's ids: a projection and an `id` filter Ray pushes down into the reader), `read_binary_files`
-for an image folder's files, `from_items` of row numbers for the built-in digits. `RaySplit`
+only the split's ids: a projection and an `id` filter Ray pushes down into the reader, which
+skips row groups outside the ids' range; read tasks of about one row group each, as
+`ray_session.data_settings` sets), `read_binary_files` for an image folder's files,
+`from_items` of row numbers for the built-in digits. `RaySplit`
 then turns a raw block into decoded, normalised rows through `unlearning.data.RowInputs.decode`
 (the library's one decoder, the poison trigger included), tagged with their row numbers in
 the split; labels come from the split, so `+coarse` and `+poison` relabelling hold on Ray too.
@@ -17,6 +19,7 @@ import numpy as np
 import torch
 
 from pipelines.distributed.plan import DATA_TASK_CPUS
+from pipelines.ray_session import data_settings
 from unlearning.data import RowInputs, Split, normalize_batch
 from unlearning.data.sources import DigitsTable, ImageFolderTable, ParquetTable, arrow_inputs
 
@@ -40,23 +43,27 @@ class RaySplit:
     def table(self):
         return self.inputs.rows.table
 
-    def dataset(self, index: np.ndarray | None = None):
-        """Raw rows of split rows `index` (default: all) through Ray Data's readers, lazily."""
+    def dataset(self, index: np.ndarray | None = None, readers: int = 1):
+        """Raw rows of split rows `index` (default: all) through Ray Data's readers, lazily.
+
+        At most `readers` read tasks run at once, one per consumer: a task of one row group
+        outpaces what decodes its rows, and more at once only start more worker processes.
+        """
         import ray
 
+        data_settings()  # block and read-task sizes, also in an actor that builds its own
         index = np.arange(len(self.ids)) if index is None else np.asarray(index, dtype=np.int64)
         table = self.table
+        read = {"num_cpus": DATA_TASK_CPUS, "concurrency": readers, "file_extensions": None}
         if isinstance(table, ParquetTable):  # projection and id filter, pushed down to the reader
-            from ray.data.expressions import col
-
             return (
-                ray.data.read_parquet(table.path, num_cpus=DATA_TASK_CPUS, file_extensions=None)
+                ray.data.read_parquet(table.path, **read)
                 .select_columns(["id", table.input_kind], num_cpus=DATA_TASK_CPUS)
-                .filter(expr=col("id").is_in(self.ids[index].tolist()), num_cpus=DATA_TASK_CPUS)
+                .filter(expr=_id_filter(self.ids[index]), num_cpus=DATA_TASK_CPUS)
             )
         if isinstance(table, ImageFolderTable):
             files = [table.files[row] for row in self.inputs.file_rows()[index]]
-            return ray.data.read_binary_files(files, include_paths=True, num_cpus=DATA_TASK_CPUS, file_extensions=None)
+            return ray.data.read_binary_files(files, include_paths=True, **read)
         if isinstance(table, DigitsTable):  # built into the driver: its row numbers, in blocks
             # from_items builds blocks here; from_numpy would start 1-CPU tasks a busy cluster may not have
             blocks = max(1, min(len(index) // 256, 64))
@@ -107,3 +114,14 @@ class RaySplit:
         if self.channels_last:  # the in-process decoder's memory layout, hence its rounding
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         return rows, inputs, torch.from_numpy(self.labels[rows])
+
+
+def _id_filter(ids: np.ndarray):
+    # `id in ids`, bounded by the ids' range: Ray's reader skips row groups whose id statistics
+    # fall outside it, which Arrow never does for an `is_in` of more than a few values
+    from ray.data.expressions import col
+
+    wanted = col("id").is_in(ids.tolist())
+    if not len(ids):
+        return wanted
+    return (col("id") >= int(ids.min())) & (col("id") <= int(ids.max())) & wanted

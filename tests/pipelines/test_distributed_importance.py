@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -147,6 +148,19 @@ def test_forget_set_importance_of_a_request_on_ray_equals_in_process(ray_session
     assert reference.count == 5
     for name, expected in reference.mean().items():
         torch.testing.assert_close(on_ray[name], expected, rtol=1e-6, atol=1e-6 * float(expected.abs().max()))
+
+
+def test_ray_data_reads_exactly_the_split_rows_asked_for_clustered_or_scattered(ray_session, parquet_file):
+    """The id filter (`id in ids` within the ids' range, so row groups outside it are skipped)
+    returns the rows asked for: a run inside one row group, rows over all four, a single row."""
+    from pipelines.distributed.rows import RaySplit
+
+    split = unlearning.data.open_dataset(str(parquet_file)).train
+    rows = RaySplit.of(split, None)
+    for index in (np.arange(45, 60), np.arange(0, len(split), 7), np.array([100])):
+        batches = rows.dataset(index).iter_batches(batch_size=None, batch_format="pyarrow")
+        found = np.concatenate([rows.split_rows(batch) for batch in batches])
+        assert sorted(found.tolist()) == index.tolist()
 
 
 def test_request_after_earlier_removals_computes_retained_importance_on_ray(ray_session, digits_checkpoint):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -17,7 +19,12 @@ from pipelines.distributed.plan import (
     plan_chunks,
     worker_resources,
 )
-from pipelines.ray_session import resolve_workers
+from pipelines.ray_session import (
+    DATA_BLOCK_BYTES,
+    PARQUET_TASK_BYTES_ENV,
+    data_settings,
+    resolve_workers,
+)
 from tests.conftest import image_table
 from unlearning.passes import LocalExecutor
 
@@ -103,6 +110,17 @@ def test_workers_use_the_memory_layout_load_dataset_uses(
     inputs = unlearning.load_dataset(spec).train.inputs
     expected = not inputs.is_contiguous() and inputs.is_contiguous(memory_format=torch.channels_last)
     assert check_first_row(split, unlearning.load_model(checkpoint), spec) == expected
+
+
+def test_parquet_read_tasks_get_a_block_of_row_groups_unless_the_user_set_their_own(monkeypatch):
+    """Ray's default, 128 MiB of row groups a read task, held ~12 row groups decoded at once."""
+    monkeypatch.setenv(PARQUET_TASK_BYTES_ENV, "1")  # restored after the test
+    monkeypatch.delenv(PARQUET_TASK_BYTES_ENV)
+    data_settings()
+    assert os.environ[PARQUET_TASK_BYTES_ENV] == str(DATA_BLOCK_BYTES)
+    monkeypatch.setenv(PARQUET_TASK_BYTES_ENV, str(64 << 20))
+    data_settings()
+    assert os.environ[PARQUET_TASK_BYTES_ENV] == str(64 << 20)
 
 
 @pytest.mark.parametrize(
