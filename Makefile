@@ -4,12 +4,14 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint install dist clean distclean
 
+# A failing pip stops make here (its errors are shown, never filtered).
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -e '.[all,dev]' 2>&1 | grep -v 'is ignored' || true
-	$(PY) -c "import torch, ray, mlflow, unlearning, pipelines" && touch $(STAMP)
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[all,postgres,dev]'
+	$(PY) -c "import torch, ray, mlflow, psycopg, unlearning, pipelines"
+	touch $(STAMP)
 
 install: $(STAMP)
 
@@ -23,5 +25,18 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check unlearning pipelines tests benchmarks
 
+# The wheel a cluster installs (cluster/ray-cluster.yaml): dist/amnesis-VERSION-py3-none-any.whl,
+# with tune_configs/ inside.
+dist: $(STAMP)
+	rm -rf dist build
+	$(PY) -m pip wheel --no-deps --wheel-dir dist .
+
+# What the commands write in the working directory with their default paths: the demo, run
+# directories, MLflow's store and artifacts, the request ledger, staging directories a killed
+# command left behind; and what `make dist` built. .venv/ and benchmarks/cache/ stay.
 clean:
-	rm -rf $(VENV) demo-output mlflow.db mlartifacts
+	rm -rf demo-output runs mlruns mlartifacts mlflow.db requests.db .*.partial-* dist build
+
+# clean, and the environment too (the next `make` reinstalls it, about 3 minutes).
+distclean: clean
+	rm -rf $(VENV) *.egg-info

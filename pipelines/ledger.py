@@ -23,6 +23,7 @@ earlier version are already gone and count as done.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import uuid
@@ -31,6 +32,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from unlearning.errors import UserError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_LEDGER = "sqlite:///requests.db"
 STALE_AFTER_SECONDS = 6 * 3600  # a batch owned by another host is taken over after this
@@ -80,7 +83,9 @@ class Ledger:
         try:
             self.engine = create_engine(self.url, connect_args={"timeout": 60} if is_sqlite else {})
         except Exception as error:  # bad URL, missing driver
-            raise UserError(f"cannot open the request ledger {self.url}: {error}") from None
+            hint = " (pip install 'amnesis[postgres]')" if getattr(error, "name", None) == "psycopg" else ""
+            raise UserError(f"cannot open the request ledger {self.url}: {error}{hint}") from None
+        log.info("request ledger: %s", self.engine.url)  # the password, if any, is masked
         if is_sqlite:
             # pysqlite's own transaction handling defers locks; take the write lock at BEGIN so
             # that a claim (read pending, then mark them) is atomic across processes.
@@ -295,6 +300,8 @@ def process_pending(
     claim = ledger.claim()  # step 1
     if claim is None:
         return {"batch": None, "processed": 0, "message": "no pending requests"}
+    log.info("batch %d claimed%s: requests %s", claim.batch_id, " again (resumed)" if claim.resumed else "",
+             ", ".join(str(r["id"]) for r in claim.requests))
     pause_point("claimed")
 
     adopted = find_batch_version(model_name, ledger.batch_tag(claim.batch_id))
@@ -305,6 +312,8 @@ def process_pending(
             return skipped
         version, parent, run_id = job.unlearn(options, fault_point)
     else:  # an interrupted run registered it already: adopt it, apply nothing twice
+        log.info("batch %d: version %s was registered by an interrupted run; adopted", claim.batch_id,
+                 adopted["version"])
         register_alias(model_name, adopted["version"])
         version, parent, run_id = adopted["version"], adopted["tags"].get("parent_version", ""), adopted["run_id"]
     ledger.finish(claim.batch_id, model_name, parent, version, run_id)  # step 3

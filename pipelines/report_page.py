@@ -23,21 +23,20 @@ MAX_PATH_POINTS = 40  # steps re-evaluated for the retained-accuracy curve
 RETAIN_SAMPLE = 1000  # retained rows per re-evaluated step
 
 
-def _pyplot():
-    import matplotlib
+def _figure(width: float, height: float):
+    """A figure and its axes, drawn without pyplot: no backend is chosen or changed here (the
+    CLI chooses one), so a notebook calling the library keeps its own."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(figsize=(width, height), dpi=120)
+    return fig, fig.subplots()
 
 
 def plot_per_class(report: RequestReport, class_names: list[str], path: Path) -> None:
-    plt = _pyplot()
     series = [(name, metrics) for name, metrics, _ in report_rows(report, f"unlearned ({report.method})", "retrained")]
     n = len(class_names)
     width = 0.8 / len(series)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * n + 2), 4.0), dpi=120)
+    fig, ax = _figure(max(6.0, 0.6 * n + 2), 4.0)
     for i, (label, metrics) in enumerate(series):
         values = [100 * (v if v == v else 0.0) for v in metrics["per_class_test_acc"]]
         ax.bar(np.arange(n) + (i - (len(series) - 1) / 2) * width, values, width, label=label)
@@ -51,7 +50,6 @@ def plot_per_class(report: RequestReport, class_names: list[str], path: Path) ->
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=len(series), fontsize=8, frameon=False)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
 
 
 def search_curve(task: UnlearningTask, report: RequestReport) -> list[dict]:
@@ -76,8 +74,7 @@ def search_curve(task: UnlearningTask, report: RequestReport) -> list[dict]:
 
 
 def plot_search_path(curve: list[dict], target: float | None, path: Path) -> None:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=120)
+    fig, ax = _figure(6.4, 3.6)
     steps = [c["index"] for c in curve]
     ax.plot(steps, [100 * c["forget_acc"] for c in curve], marker="o", ms=3, label="forget-set accuracy")
     ax.plot(steps, [100 * c["retain_acc"] for c in curve], marker="s", ms=3, label=f"retained accuracy (sample of {RETAIN_SAMPLE})")
@@ -93,15 +90,13 @@ def plot_search_path(curve: list[dict], target: float | None, path: Path) -> Non
     ax.legend(loc="center right", fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
 
 
 def plot_ratios(task: UnlearningTask, report: RequestReport, path: Path) -> None:
-    plt = _pyplot()
     kind, reference = report.params.get("kind", "fisher"), report.params.get("reference", "full")
     ratios = importance_ratios(task.importance(reference, kind), task.importance("forget", kind))
     ratios = ratios[ratios > 0]
-    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=120)
+    fig, ax = _figure(6.4, 3.6)
     ax.hist(np.log10(ratios.numpy()), bins=100, color="tab:blue", alpha=0.8)
     ax.set_yscale("log")
     alpha = report.params.get("alpha")
@@ -114,7 +109,6 @@ def plot_ratios(task: UnlearningTask, report: RequestReport, path: Path) -> None
     ax.set_title(f"Importance ratios ({kind})")
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
 
 
 def write_report_files(task: UnlearningTask, report: RequestReport, class_names: list[str], directory: Path) -> list[Path]:

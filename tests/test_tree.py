@@ -113,3 +113,20 @@ def test_no_python_file_is_over_400_lines(module):
 def test_readme_lines_are_at_most_100_characters():
     long = [i for i, line in enumerate((ROOT / "README.md").read_text().splitlines(), 1) if len(line) > 100]
     assert long == []
+
+
+def test_no_library_module_chooses_a_matplotlib_backend():
+    """Plots are drawn on matplotlib.figure.Figure: pyplot and matplotlib.use (global state a
+    notebook's user owns) are left to the CLI, which sets MPLBACKEND (pipelines/cli)."""
+    offenders = []
+    for module, path in module_files().items():
+        if module.startswith("benchmarks"):  # scripts with their own entry point, not the library
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom):
+                names = [f"{node.module}.{alias.name}" for alias in node.names]
+            if isinstance(node, ast.Call) and ast.unparse(node.func) == "matplotlib.use":
+                names = ["matplotlib.use"]
+            offenders += [f"{module}: {name}" for name in names if name in ("matplotlib.pyplot", "matplotlib.use")]
+    assert offenders == []

@@ -22,6 +22,7 @@ order or in parallel; `first_meeting` picks the same answer as the sequential lo
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -31,6 +32,8 @@ from torch import Tensor, nn
 
 from unlearning.dampening import adaptive_percentile, dampen_, importance_ratios, lerp
 from unlearning.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -164,6 +167,8 @@ def sequential_search(
     for step in schedule:
         acc = forget_accuracy(dampened_copy(model, full_importance, forget_importance, step))
         path.append((step, acc))
+        log.debug("PTN step %d: alpha %.4g, lambda %.4g -> forget accuracy %.4f (target %.4f)",
+                  step.index, step.alpha, step.lam, acc, target)
         if on_step is not None:
             on_step(step, acc)
         if acc <= target:

@@ -1,4 +1,4 @@
-"""What every command group shares: argument types and the 'extras missing' message."""
+"""What command groups share: argument types and the list of methods for --help."""
 
 from __future__ import annotations
 
@@ -21,3 +21,22 @@ def key_value(text: str) -> tuple[str, object]:
         return parse_param(text)
     except UserError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
+
+
+METHODS_HELP = "a registered method (default: ptn, the PTN search); the methods are listed below"
+
+
+def method_listing() -> dict:
+    """`add_parser` arguments that end a command's --help with every method and its summary."""
+    import shutil
+    import textwrap
+
+    from unlearning.methods import METHODS
+
+    indent = max(map(len, METHODS)) + 4
+    columns = min(100, shutil.get_terminal_size().columns) - 2  # as argparse wraps the options
+    lines = ["methods (--method):"]
+    for name in sorted(METHODS):
+        text = f"  {name:<{indent - 2}}{METHODS[name].summary}"
+        lines.extend(textwrap.wrap(text, columns, subsequent_indent=" " * indent))
+    return {"epilog": "\n".join(lines), "formatter_class": argparse.RawDescriptionHelpFormatter}

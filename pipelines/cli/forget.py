@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import json
-import sys
+import logging
 
-from pipelines.cli.common import key_value, number
+from pipelines.cli.common import METHODS_HELP, key_value, method_listing, number
 from pipelines.ray_session import DEFAULT_RAY_MIN_ROWS
 from unlearning.errors import UserError
 
+log = logging.getLogger(__name__)
+
 
 def add_commands(commands) -> None:
-    forget = commands.add_parser("forget", help="process one deletion request")
-    search = commands.add_parser("search", help="a deletion request with a parallel search on Ray (PTN) or Ray Tune (TPE)")
+    forget = commands.add_parser("forget", help="process one deletion request", **method_listing())
+    search = commands.add_parser("search", help="a deletion request with a parallel search on Ray (PTN) or Ray Tune (TPE)",
+                                 **method_listing())
     for sub in (forget, search):
         _request_arguments(sub, search_required=sub is search)
 
@@ -31,7 +34,7 @@ def _request_arguments(parser, search_required: bool) -> None:
     add("--data", required=True, help="the training data (as for train)")
     add("--forget", required=True, help="class:K, subclass:K, random:N[:SEED], or an id file")
     add("--out", required=True, help="run directory to create")
-    add("--method", default="ptn", help=f"a registered method (default: ptn search): {method_list()}")
+    add("--method", default="ptn", help=METHODS_HELP)
     add("--importance", help="an importance store from `unlearn importance`")
     add("--alpha", type=number, help="SSD's selection threshold alpha (fixed-strength methods)")
     add("--lambda", dest="lam", type=number, help="SSD's dampening constant lambda")
@@ -41,7 +44,7 @@ def _request_arguments(parser, search_required: bool) -> None:
     add("--batch-size", type=int, default=64, help="importance batch size (default 64)")
     add("--seed", type=int, default=0, help="seed of random:N forget sets and of the methods")
     add("--search", required=search_required, metavar="CONFIG",
-        help="a tune_configs/*.yaml search: PTN walked on Ray actors, TPE on Ray Tune")
+        help="a search by name (ptn, potion_ptn, tpe: tune_configs/) or YAML file: PTN walked on Ray actors, TPE on Ray Tune")
     add("--model-name", help="registered model name in MLflow (default: ARCH-DATA)")
     add("--no-track", action="store_true", help="do not record the request in MLflow")
     add("--compare-retrain", action="store_true", help="also retrain from scratch, for comparison")
@@ -56,14 +59,6 @@ def _request_arguments(parser, search_required: bool) -> None:
     add("--device", help="device for the work done in this process: cpu, cuda, cuda:1 "
                          "(default: cuda if available)")
     parser.set_defaults(func=cmd_forget)
-
-
-def method_list() -> str:
-    """Every registered method with its summary, for --help."""
-    from unlearning.methods import METHODS
-
-    listing = "; ".join(f"{name}: {METHODS[name].summary.rstrip('.')}" for name in sorted(METHODS))
-    return listing.replace("%", "%%")  # argparse formats help with %
 
 
 def forget_options(args):
@@ -98,12 +93,10 @@ def cmd_forget(args) -> int:
 
     options = forget_options(args)
     set_storage(args.storage)
+    log.info("request options: %s", options)
     if not args.importance:
-        print(
-            "note: no --importance store given, so the full-data importance is computed now; "
-            "`unlearn importance` once makes every later request cheaper",
-            file=sys.stderr,
-        )
+        log.warning("no --importance store given, so the full-data importance is computed now; "
+                    "`unlearn importance` once makes every later request cheaper")
     with StepProgress("search steps", disable=args.quiet) as progress:
         report = run_forget(args.model, args.data, args.forget, args.out, options, progress=progress.on_result)
     print_report(report, args.out)

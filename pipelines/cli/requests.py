@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from pipelines.cli.common import METHODS_HELP, method_listing
 from unlearning.errors import UserError
 
 
@@ -21,13 +22,14 @@ def add_commands(commands) -> None:
     listing.add_argument("--json", action="store_true", help="print JSON")
     show = actions.add_parser("show", help="one request with its batch")
     show.add_argument("request_id", type=int, help="the request's number")
-    process = actions.add_parser("process", help="the scheduled job: unlearn all pending requests at once")
+    process = actions.add_parser("process", help="the scheduled job: unlearn all pending requests at once",
+                                 **method_listing())
     process.add_argument("--model-name", required=True, help="registered model to update (its @current version)")
     process.add_argument("--data", required=True, help="the training data (as for train)")
     process.add_argument("--initial-model", help="checkpoint to start from if the model is not registered yet")
     process.add_argument("--importance", help="importance store of the original model")
-    process.add_argument("--search", metavar="CONFIG", help="a tune_configs/*.yaml search instead of the default method")
-    process.add_argument("--method", default="ptn", help="a registered method (default: ptn search)")
+    process.add_argument("--search", metavar="CONFIG", help="a search by name (ptn, potion_ptn, tpe: tune_configs/) or YAML file instead of the default method")
+    process.add_argument("--method", default="ptn", help=METHODS_HELP)
     process.add_argument("--seed", type=int, default=0, help="seed of the methods")
     process.add_argument("--out-root", default="runs/requests", help="where batch run directories go")
     for sub in (add, listing, show, process):

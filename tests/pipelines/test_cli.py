@@ -1,14 +1,19 @@
-"""The `unlearn` command line in one process: train, evaluate, forget, and bad input."""
+"""The `unlearn` command line in one process: train, evaluate, forget, bad input, and its
+conventions (--version, global flags anywhere, help on every option, logging, plotting)."""
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import subprocess
 import sys
+from importlib.metadata import version
 
 import pytest
 
-from pipelines.cli import main
+from pipelines.cli import build_parser, command_parsers, main
+from unlearning.methods import METHODS
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:
@@ -22,7 +27,8 @@ def test_train_forget_evaluate_round_trip(tmp_path, capsys):
     assert code == 0 and "test acc 0.9" in out
     code, out, err = run(capsys, "forget", "--model", tmp_path / "m", "--data", "digits", "--forget", "class:4", "--out", tmp_path / "run")
     assert code == 0, err
-    assert "unlearn importance" in err  # tells the user a store would make the next request cheaper
+    # a logged warning tells the user a store would make the next request cheaper
+    assert "unlearn forget: warning: no --importance store given" in err and "`unlearn importance`" in err
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["method"] == "ptn" and report["details"]["reached"]
     assert report["metrics"]["test_forget_acc"] <= 0.05
@@ -67,7 +73,7 @@ def test_fixed_alpha_lambda_method_with_zrf(tmp_path, capsys, digits_checkpoint)
 def test_bad_requests_fail_with_one_line_and_write_nothing(tmp_path, capsys, digits_checkpoint, extra, message):
     code, _, err = run(capsys, "forget", "--model", digits_checkpoint, "--data", "digits", "--out", tmp_path / "run", *extra)
     assert code == 2
-    lines = [line for line in err.strip().splitlines() if not line.startswith("note:")]
+    lines = [line for line in err.strip().splitlines() if ": warning: " not in line]
     assert len(lines) == 1 and message in lines[0]
     assert not (tmp_path / "run").exists()
     assert [p.name for p in tmp_path.iterdir()] == []
@@ -106,3 +112,81 @@ def test_truncated_checkpoint_through_the_console_script(tmp_path, digits_checkp
     assert result.stderr.strip().splitlines()[-1].startswith("unlearn forget: error:")
     assert "corrupt or truncated" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_version_is_the_installed_distributions(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"unlearn {version('amnesis')}"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--quiet", "--verbose", "history", "--model-name", "m"],
+        ["history", "--model-name", "m", "--quiet", "--verbose"],
+        ["-q", "history", "--model-name", "m", "-v"],
+        ["requests", "list", "--quiet", "--verbose"],
+        ["requests", "--quiet", "list", "--verbose"],
+    ],
+)
+def test_global_flags_are_accepted_before_and_after_the_command(argv):
+    args = build_parser().parse_args(argv)
+    assert args.quiet is True and args.verbose is True
+
+
+def test_global_flags_default_to_off_wherever_they_could_be_given():
+    for argv in (["history", "--model-name", "m"], ["requests", "list"]):
+        args = build_parser().parse_args(argv)
+        assert args.quiet is False and args.verbose is False
+
+
+def test_every_option_of_every_command_has_help():
+    parsers = [build_parser(), *command_parsers(build_parser())]
+    assert len(parsers) > 12  # the top, every command and every `requests` action were walked
+    missing = []
+    for parser in parsers:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                missing += [f"{parser.prog} {c.dest}" for c in action._choices_actions if not c.help]
+            elif not action.help or action.help == argparse.SUPPRESS:
+                missing.append(f"{parser.prog} {'/'.join(action.option_strings) or action.dest}")
+    assert missing == []
+
+
+@pytest.mark.parametrize("command", [["forget"], ["search"], ["requests", "process"]])
+def test_method_help_lists_every_registered_method_with_its_summary(command):
+    parser = next(p for p in command_parsers(build_parser()) if p.prog == " ".join(["unlearn", *command]))
+    text = " ".join(parser.format_help().split())  # wrapping undone
+    assert "--method METHOD a registered method (default: ptn" in text
+    listing = text.split("methods (--method):", 1)[1]
+    for name, method in METHODS.items():
+        assert f" {name} {' '.join(method.summary.split())}" in listing, name
+
+
+def test_diagnostics_are_logged_to_stderr_and_verbose_shows_the_projects_info_lines(tmp_path, capsys):
+    ledger = f"sqlite:///{tmp_path / 'ledger.db'}"
+    assert main(["requests", "list", "--ledger", ledger]) == 0
+    assert capsys.readouterr().err == ""
+    assert main(["requests", "list", "--ledger", ledger, "--verbose"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"unlearn requests: info: [pipelines.ledger] request ledger: {ledger}"]
+
+
+def test_a_library_call_that_draws_plots_leaves_the_callers_matplotlib_backend_alone(tmp_path):
+    """The report's plots are drawn without pyplot; only the CLI picks a backend (MPLBACKEND)."""
+    script = f"""
+import matplotlib, sys
+matplotlib.use("svg")  # the caller's choice, e.g. a notebook's
+from pipelines.report_page import plot_search_path
+curve = [{{"index": i, "alpha": 1.0, "lam": 1.0, "forget_acc": 1 - i / 4, "retain_acc": 0.9, "chosen": i == 3}}
+         for i in range(5)]
+plot_search_path(curve, 0.01, {str(tmp_path / "path.png")!r})
+print(matplotlib.get_backend(), "matplotlib.pyplot" in sys.modules)
+"""
+    env = {k: v for k, v in os.environ.items() if k != "MPLBACKEND"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["svg", "False"]
+    assert (tmp_path / "path.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,10 +1,17 @@
-"""The deletion-request ledger: exactly once under real SIGKILLs, concurrency, 1,000 requests."""
+"""The deletion-request ledger: exactly once under real SIGKILLs, concurrency, 1,000 requests;
+and on PostgreSQL through psycopg (the `postgres` extra), as the cluster's RayCronJob runs it."""
 
 from __future__ import annotations
 
+import glob
+import os
+import shlex
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -156,3 +163,55 @@ def test_requests_cli_add_list_show(tmp_path, capsys):
     assert main(["requests", "add", "--ledger", url, "--ids", "x"]) == 2
     assert main(["requests", "show", "--ledger", url, "9"]) == 2
     assert "request 9 is not in the ledger" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def postgres_url():
+    """A private PostgreSQL server on loopback for this module (as the `postgres` user when root)."""
+    pytest.importorskip("psycopg")
+    binaries = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb")) or [shutil.which("initdb")]
+    if not binaries[-1]:
+        pytest.skip("no PostgreSQL server binaries (initdb)")
+    bin_dir = Path(binaries[-1]).parent
+    root = Path(tempfile.mkdtemp(prefix="amnesis-pg-"))  # not under pytest's root-only tmp dirs
+
+    def as_owner(*command: str) -> None:
+        line = shlex.join(command)
+        run = ["su", "postgres", "-c", line] if os.geteuid() == 0 else ["sh", "-c", line]
+        subprocess.run(run, check=True, capture_output=True, timeout=120)
+
+    if os.geteuid() == 0:
+        shutil.chown(root, "postgres")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    data = str(root / "data")
+    as_owner(str(bin_dir / "initdb"), "-D", data, "-A", "trust", "-U", "postgres", "--no-sync")
+    as_owner(str(bin_dir / "pg_ctl"), "-D", data, "-l", str(root / "log"), "-w", "start",
+             "-o", f"-k {root} -p {port} -c listen_addresses=127.0.0.1")
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        as_owner(str(bin_dir / "pg_ctl"), "-D", data, "-m", "immediate", "stop")
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_the_ledger_on_postgresql_processes_requests_once_and_one_claimer_at_a_time(
+    postgres_url, tmp_path, digits, digits_checkpoint, monkeypatch, capsys
+):
+    from pipelines.cli import main
+
+    monkeypatch.setenv("AMNESIS_LEDGER_URL", postgres_url)  # as the RayCronJob sets it
+    ids = ",".join(map(str, digits_train_ids(digits, 3)))
+    assert main(["requests", "add", "--ids", ids, "--requester", "ann"]) == 0
+    assert main(["requests", "process", "--model-name", MODEL, "--data", "digits", "--initial-model",
+                 str(digits_checkpoint), "--out-root", str(tmp_path / "runs"), "--quiet", *FAST]) == 0
+    assert "batch 1: 1 requests done" in capsys.readouterr().out
+    ledger = Ledger(postgres_url)
+    assert [(r["status"], r["batch_id"]) for r in ledger.list()] == [("done", 1)]
+    assert len(unlearned_versions()) == 1
+
+    ledger.add(digits_train_ids(digits, 2, offset=10))
+    assert ledger.claim().batch_id == 2  # this process owns batch 2 now, and is alive
+    with pytest.raises(Busy, match="batch 2 is being processed"):
+        Ledger(postgres_url).claim()

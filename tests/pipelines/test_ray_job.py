@@ -45,6 +45,8 @@ def ray_head(tmp_path_factory):
     dashboard = free_port()
     command = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
                "--port", str(free_port()), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
+               # the job agent's HTTP port too: its default (52365) is taken by any other Ray on the machine
+               "--dashboard-agent-listen-port", str(free_port()),
                "--num-cpus", "2", "--disable-usage-stats"]
     log = open(tmp_path_factory.mktemp("ray-head") / "ray-start.log", "w")
     head = subprocess.Popen(command, env=ray_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -127,3 +129,33 @@ def test_forget_job_submitted_to_a_ray_head_succeeds_and_is_recorded(ray_head, t
     assert run.data.metrics["forget_acc"] == report["metrics"]["forget_acc"]
     version = client.get_model_version_by_alias("job-model", "current")
     assert str(version.version) == report["mlflow"]["model_version"] == "2"
+
+
+WORKER_SCRIPT = """
+import logging
+
+import ray
+
+from pipelines.ray_session import ensure_ray
+
+
+@ray.remote(num_cpus=0.1)
+def speak():
+    print("printed by a worker")
+    logging.getLogger("pipelines.worker").warning("logged by a worker")
+
+
+ensure_ray()  # joins the job's cluster (RAY_ADDRESS is set for every job driver)
+ray.get(speak.remote())
+"""
+
+
+def test_what_workers_print_or_log_shows_in_ray_job_logs(ray_head, tmp_path):
+    working_dir = tmp_path / "job"
+    working_dir.mkdir()
+    (working_dir / "speak.py").write_text(WORKER_SCRIPT)
+    job_id = submit(ray_head, working_dir, {}, ["python", "speak.py"])
+    state = wait_for(ray_head, job_id, timeout=300)
+    logs = ray_cli("job", "logs", "--address", ray_head, job_id).stdout
+    assert state == "SUCCEEDED", logs[-3000:]
+    assert "printed by a worker" in logs and "logged by a worker" in logs
