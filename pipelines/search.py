@@ -5,9 +5,9 @@ report metrics; MLflow is written by the driver.
 
 Parallel PTN runs on the request's long-lived evaluator actors (`pipelines.distributed`), not
 on Tune, with no per-trial process start or torch import (docs/implementation-notes.md,
-"Search without Tune's fixed cost"). D_f is cut into one shard per actor, which the actor
-reads and keeps decoded; each step is evaluated by every actor on its shard and the driver adds
-up the rows each got right, so a step's forget accuracy is exactly the one over the whole of
+"Search without Tune's fixed cost"). D_f is read once through Ray Data and streamed out in
+one shard per actor, which the actor keeps decoded (a shard may be empty); each step is
+evaluated by every actor on its shard and the driver adds up the rows each got right, so a step's forget accuracy is exactly the one over the whole of
 D_f. The schedule (unlearning.search.ptn_schedule) is dealt to every actor in the same order,
 `chunk_size` consecutive steps per call; actors do not wait for each other. Once some step m
 has met the target, no chunk starting after m is dealt. Every chunk starting at or before m
@@ -192,9 +192,10 @@ def parallel_ptn(
     parallel = min(config.parallel or default_parallel(config), len(split))
     pool = executor.evaluators(parallel, trial_resources(config).get("gpu", 0.0))
     key, shards = f"search-{id(task)}", np.array_split(np.arange(len(split)), len(pool))
-    if is_lazy(split.inputs):  # each actor reads its shard through Ray Data and keeps it decoded
+    if is_lazy(split.inputs):  # one Ray Data read of D_f, streamed out: each actor keeps what it gets
         rows = RaySplit.of(split, task.normalize, check_first_row(split, task.model, "the forget set"))
-        ray.get([actor.load.remote(key, rows, shard) for actor, shard in zip(pool, shards)])
+        streams = rows.dataset(readers=len(pool)).streaming_split(len(pool), equal=False)
+        ray.get([actor.load_shard.remote(key, stream, rows) for actor, stream in zip(pool, streams)])
     else:  # rows already in memory (the library API, the benchmarks): each actor gets its shard
         inputs = torch.cat([x for x, _ in split.batches(512, normalize=task.normalize)])
         ray.get([actor.keep.remote(key, [(shard, inputs[shard])]) for actor, shard in zip(pool, shards)])

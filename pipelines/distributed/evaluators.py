@@ -58,6 +58,12 @@ class RowEvaluator:
                 batch_size=None, batch_format="pyarrow")]
         return sum(len(index) for index, _ in self.kept[key])
 
+    def load_shard(self, key: str, shard, rows) -> int:
+        """Decode and keep what a streaming split hands this actor (its shard of a split)."""
+        self.kept[key] = [rows.decode(batch)[:2] for batch in shard.iter_batches(
+            batch_size=None, batch_format="pyarrow")]
+        return sum(len(index) for index, _ in self.kept[key])
+
     def keep(self, key: str, blocks: list) -> int:
         """Keep rows decoded elsewhere: [(split row numbers, normalised inputs)]."""
         self.kept[key] = blocks
@@ -75,7 +81,7 @@ class RowEvaluator:
             import ray
 
             model, importances = ray.get(state)
-            index = np.concatenate([i for i, _ in self.kept[key]])
+            index = np.concatenate([i for i, _ in self.kept[key]] or [np.empty(0, dtype=np.int64)])
             self.walks[key] = (model.to(self.device), importances, torch.from_numpy(labels[index]))
         model, (full, forget), truth = self.walks[key]
         path = []
