@@ -51,13 +51,6 @@ class RowEvaluator:
         """Outcomes over the rows kept under `key` (nothing is read)."""
         return self._join([self._predict(self._models(model_refs), self.kept[key])], len(model_refs))
 
-    def load(self, key: str, rows, index: np.ndarray | None = None) -> int:
-        """Read and keep split rows `index` (default: all), e.g. this actor's shard of a search's D_f."""
-        if key not in self.kept:
-            self.kept[key] = [rows.decode(batch)[:2] for batch in rows.dataset(index).iter_batches(
-                batch_size=None, batch_format="pyarrow")]
-        return sum(len(index) for index, _ in self.kept[key])
-
     def load_shard(self, key: str, shard, rows) -> int:
         """Decode and keep what a streaming split hands this actor (its shard of a split)."""
         self.kept[key] = [rows.decode(batch)[:2] for batch in shard.iter_batches(
