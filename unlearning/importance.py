@@ -38,16 +38,18 @@ KINDS = ("fisher", "l2", "l2_norm")
 MODES = ("batch", "per_sample")
 
 
-def _loss(kind: str, logits: Tensor, labels: Tensor) -> Tensor:
+def _loss(kind: str, logits: Tensor, labels: Tensor, reduction: str = "mean") -> Tensor:
+    """The batch loss of `kind`: the mean of the per-sample losses, or their sum."""
     if kind == "fisher":
-        return F.cross_entropy(logits, labels)
-    if kind == "l2":
-        return logits.pow(2).sum(dim=1).mean()
-    return logits.norm(p=2, dim=1).mean()
+        return F.cross_entropy(logits, labels, reduction=reduction)
+    per_sample = logits.pow(2).sum(dim=1) if kind == "l2" else logits.norm(p=2, dim=1)
+    return per_sample.mean() if reduction == "mean" else per_sample.sum()
 
 
-def _accumulate(kind: str, gradient: Tensor) -> Tensor:
-    return gradient.pow(2) if kind == "fisher" else gradient.abs()
+def _accumulate(kind: str, gradient: Tensor, in_place: bool = False) -> Tensor:
+    if kind == "fisher":
+        return gradient.square_() if in_place else gradient.pow(2)
+    return gradient.abs_() if in_place else gradient.abs()
 
 
 @dataclass
@@ -129,7 +131,7 @@ def compute_importance_sums(
     try:
         result = empty_sums(model, kind, mode)
         result.sums = {name: s.to(device) for name, s in result.sums.items()}
-        step = _batch_step if mode == "batch" else _per_sample_step
+        step = _batch_step if mode == "batch" else _per_sample_stepper(model)
         per_sample_chunk = per_sample_chunk or min(per_sample_chunk_size(model), heap_chunk_size(model))
         for inputs, labels in batches:
             inputs, labels = inputs.to(device), labels.to(device).long()
@@ -220,24 +222,24 @@ def _batch_step(model, kind, inputs, labels, result, _chunk) -> None:
     result.count += 1
 
 
-def _summed_loss(kind: str, logits: Tensor, labels: Tensor) -> Tensor:
-    """The sum over samples of each sample's own `_loss`."""
-    if kind == "fisher":
-        return F.cross_entropy(logits, labels, reduction="sum")
-    if kind == "l2":
-        return logits.pow(2).sum()
-    return logits.norm(p=2, dim=1).sum()
-
-
-def _per_sample_step(model, kind, inputs, labels, result, chunk) -> None:
+def _per_sample_stepper(model: nn.Module):
+    """The per-sample step for `model` (in eval mode): layer-wise when its layers allow it, else
+    vmap; decided once per pass, and for the rest of it as soon as a batch needs vmap (a layer
+    ran twice in the forward pass)."""
     layerwise = LayerwisePerSample.of(model)
-    if layerwise is not None and layerwise.step(
-        inputs, lambda logits: _summed_loss(kind, logits, labels),
-        (lambda g: g.square_()) if kind == "fisher" else (lambda g: g.abs_()), result.sums,
-    ):
-        result.count += len(inputs)
-        return
-    _vmap_per_sample_step(model, kind, inputs, labels, result, chunk)
+
+    def step(model, kind, inputs, labels, result, chunk) -> None:
+        nonlocal layerwise
+        if layerwise is not None and layerwise.step(
+            inputs, lambda logits: _loss(kind, logits, labels, "sum"),
+            lambda g: _accumulate(kind, g, in_place=True), result.sums,
+        ):
+            result.count += len(inputs)
+            return
+        layerwise = None
+        _vmap_per_sample_step(model, kind, inputs, labels, result, chunk)
+
+    return step
 
 
 def _vmap_per_sample_step(model, kind, inputs, labels, result, chunk) -> None:

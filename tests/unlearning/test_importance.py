@@ -224,7 +224,7 @@ def _layerwise_and_vmap(model, x, y, kind):
     model.eval()
     layerwise, reference = (importance.empty_sums(model, kind, "per_sample") for _ in range(2))
     assert LayerwisePerSample.of(model).step(
-        x, lambda logits: importance._summed_loss(kind, logits, y), lambda g: importance._accumulate(kind, g),
+        x, lambda logits: importance._loss(kind, logits, y, "sum"), lambda g: importance._accumulate(kind, g),
         layerwise.sums,
     )
     importance._vmap_per_sample_step(model, kind, x, y, reference, 64)
