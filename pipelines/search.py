@@ -7,9 +7,10 @@ Parallel PTN runs on the request's long-lived evaluator actors (`pipelines.distr
 on Tune, with no per-trial process start or torch import (docs/implementation-notes.md,
 "Search without Tune's fixed cost"). D_f is read once through Ray Data and streamed out in
 one shard per actor, which the actor keeps decoded (a shard may be empty); each step is
-evaluated by every actor on its shard and the driver adds up the rows each got right, so a step's forget accuracy is exactly the one over the whole of
-D_f. The schedule (unlearning.search.ptn_schedule) is dealt to every actor in the same order,
-`chunk_size` consecutive steps per call; actors do not wait for each other. Once some step m
+evaluated by every actor on its shard and the driver adds up the rows each got right, so a
+step's forget accuracy is exactly the one over the whole of D_f. The schedule
+(unlearning.search.ptn_schedule) is dealt to every actor in the same order, `chunk_size`
+consecutive steps per call; actors do not wait for each other. Once some step m
 has met the target, no chunk starting after m is dealt. Every chunk starting at or before m
 has been dealt to every actor, so every step before m has been evaluated on all of D_f: the
 least step that meets the target is exactly the sequential answer.
@@ -194,8 +195,7 @@ def parallel_ptn(
     key, shards = f"search-{id(task)}", np.array_split(np.arange(len(split)), len(pool))
     if is_lazy(split.inputs):  # one Ray Data read of D_f, streamed out: each actor keeps what it gets
         rows = RaySplit.of(split, task.normalize, check_first_row(split, task.model, "the forget set"))
-        streams = rows.dataset(readers=len(pool)).streaming_split(len(pool), equal=False)
-        ray.get([actor.load_shard.remote(key, stream, rows) for actor, stream in zip(pool, streams)])
+        ray.get([actor.load_shard.remote(key, stream, rows) for actor, stream in zip(pool, rows.streams(len(pool)))])
     else:  # rows already in memory (the library API, the benchmarks): each actor gets its shard
         inputs = torch.cat([x for x, _ in split.batches(512, normalize=task.normalize)])
         ray.get([actor.keep.remote(key, [(shard, inputs[shard])]) for actor, shard in zip(pool, shards)])

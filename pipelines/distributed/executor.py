@@ -104,7 +104,7 @@ class RayExecutor:
             results = ray.get([actor.again.remote(name, refs) for actor in pool])
         else:
             rows = RaySplit.of(split, normalize, check_first_row(split, models[0], "the split"))
-            shards = rows.dataset(readers=len(pool)).streaming_split(len(pool), equal=False)
+            shards = rows.streams(len(pool))
             keep = key in self._seen  # a second pass over a split: keep its rows for the next ones
             answers = ray.get([actor.stream.remote(name, shard, rows, refs, keep) for actor, shard in zip(pool, shards)])
             results = [answer for answer, _ in answers]

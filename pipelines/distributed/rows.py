@@ -70,6 +70,11 @@ class RaySplit:
             return ray.data.from_items([{"data": int(i)} for i in index], override_num_blocks=blocks)
         raise TypeError(f"no Ray reader for {type(table).__name__}")
 
+    def streams(self, consumers: int) -> list:
+        """Every row of the split read once and streamed out to `consumers` (e.g. evaluator
+        actors), each getting a share as it comes: one reader per consumer."""
+        return self.dataset(readers=consumers).streaming_split(consumers, equal=False)
+
     def split_rows(self, batch) -> np.ndarray:
         """Which split rows a raw block (an Arrow table from `dataset`) holds."""
         table = self.table
