@@ -78,8 +78,8 @@ class LayerwisePerSample:
         """Add every sample's terms accumulate(grad_i) to `sums` (float64, by parameter name).
 
         `loss_of(logits)` is the sum of the per-sample losses; `accumulate` may work in place
-        (it is given fresh tensors). False (and `sums` untouched)
-        when a layer ran more than once or the input cannot carry a gradient.
+        (it is given fresh tensors). False (and `sums` untouched) when a layer ran more than
+        once or the input cannot carry a gradient.
         """
         if not inputs.is_floating_point():
             return False
