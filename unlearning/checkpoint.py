@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from unlearning.errors import UserError
-from unlearning.models import build_model
+from unlearning.models import build_model, canonical_arch, logits_of
 
 MODEL_WEIGHTS, MODEL_META = "model.safetensors", "model.json"
 STORE_WEIGHTS, STORE_META = "importance.safetensors", "importance.json"
@@ -87,7 +87,8 @@ def _check_finite(tensors: dict[str, Tensor], path: Path) -> None:
 def model_meta(model: nn.Module) -> dict:
     meta = getattr(model, "amnesis_meta", None)
     if meta is None:
-        raise ValueError("model has no amnesis_meta; build it with unlearning.new_model")
+        raise UserError("the model does not say how to rebuild it: build it with unlearning.new_model, or "
+                        "name its factory (save_model(model, path, factory='package.module:callable', ...))")
     return meta
 
 
@@ -101,7 +102,7 @@ def attach_meta(
     extra: dict | None = None,
 ) -> nn.Module:
     model.amnesis_meta = {
-        "arch": arch,
+        "arch": canonical_arch(arch),
         "arch_args": dict(arch_args or {}),
         "num_classes": int(num_classes),
         "input_shape": [int(d) for d in input_shape],
@@ -130,10 +131,79 @@ def model_fingerprint(model: nn.Module) -> str:
     return fingerprint(model.state_dict())
 
 
-def save_model(model: nn.Module, path: str | os.PathLike, extra: dict | None = None) -> str:
-    """Write `model` as a checkpoint directory at `path` (must not exist); returns fingerprint."""
+def save_model(
+    model: nn.Module,
+    path: str | os.PathLike,
+    extra: dict | None = None,
+    *,
+    factory: str | None = None,
+    factory_kwargs: dict | None = None,
+    input_shape: tuple[int, ...] | list[int] | None = None,
+    normalize: dict | None = None,
+    num_classes: int | None = None,
+) -> str:
+    """Write `model` as a checkpoint directory at `path` (must not exist); returns fingerprint.
+
+    A model built by `new_model` or `load_model` knows how it was built. Any other module
+    needs `factory` ("package.module:callable", "torchvision:NAME", "timm:NAME"),
+    `factory_kwargs` to call it with, and `input_shape` (one input, without the batch
+    dimension); `normalize` ({"mean": [...], "std": [...]} per channel) if its inputs are
+    normalised; `num_classes` is read from the output on a zero input unless given.
+    """
+    if factory is not None:
+        describe_model(model, factory, factory_kwargs, input_shape, normalize, num_classes)
     with atomic_directory(path) as staging:
         return write_model_files(model, staging, extra)
+
+
+def describe_model(
+    model: nn.Module,
+    factory: str,
+    factory_kwargs: dict | None,
+    input_shape,
+    normalize: dict | None = None,
+    num_classes: int | None = None,
+) -> nn.Module:
+    """Attach what a checkpoint records to a module built elsewhere, after checking that
+    `factory(**factory_kwargs)` builds a network with the same parameters and buffers."""
+    if input_shape is None:
+        raise UserError("a model saved with a factory needs input_shape (one input, without the batch dimension)")
+    if isinstance(input_shape, (str, bytes)) or not all(isinstance(d, int) and d > 0 for d in input_shape):
+        raise UserError(f"input_shape must be a list of positive integers, got {input_shape!r}")
+    if not isinstance(factory_kwargs or {}, dict):
+        raise UserError(f"factory_kwargs must be a dict, got {type(factory_kwargs).__name__}")
+    if num_classes is None:
+        num_classes = output_classes(model, tuple(input_shape))
+    rebuilt = build_model(factory, num_classes, tuple(input_shape), **(factory_kwargs or {}))
+    ours = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    theirs = {name: tuple(t.shape) for name, t in rebuilt.state_dict().items()}
+    if ours != theirs:
+        differ = sorted(set(ours.items()) ^ set(theirs.items()))[:1]
+        raise UserError(f"factory {factory} builds a different network than the model given "
+                        f"(first difference: {differ[0][0]} {differ[0][1]})")
+    return attach_meta(model, factory, num_classes, tuple(input_shape), normalize, factory_kwargs)
+
+
+def output_classes(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """The number of logits `model` returns for one input (a zero tensor, in eval mode)."""
+    parameter = next(iter(model.parameters()), None)
+    device = parameter.device if parameter is not None else "cpu"
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = logits_of(model(torch.zeros(2, *input_shape, device=device)))
+    except UserError:
+        raise
+    except Exception as error:
+        raise UserError(f"the model does not take inputs of shape {list(input_shape)}: "
+                        f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from None
+    finally:
+        model.train(was_training)
+    if logits.dim() != 2:
+        raise UserError(f"the model returns logits of shape {tuple(logits.shape)} for a batch of 2; "
+                        "expected (batch, classes)")
+    return int(logits.shape[1])
 
 
 def write_model_files(model: nn.Module, directory: Path, extra: dict | None = None) -> str:
@@ -142,6 +212,9 @@ def write_model_files(model: nn.Module, directory: Path, extra: dict | None = No
         raise UserError("refusing to save a model with non-finite weights")
     state = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
     meta = {**model_meta(model), **(extra or {})}
+    if not meta.get("arch"):
+        raise UserError("the model names no factory, so its checkpoint could not be loaded again: "
+                        "give factory='package.module:callable' (and factory_kwargs) when saving or forgetting")
     meta.pop("parent_fingerprint", None)
     meta["fingerprint"] = fingerprint(state)
     save_file(state, str(Path(directory) / MODEL_WEIGHTS))
@@ -163,6 +236,7 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
         raise UserError(f"{path / MODEL_WEIGHTS} does not match the fingerprint in {MODEL_META}")
     _check_finite(state, path / MODEL_WEIGHTS)
     model = build_model(meta["arch"], meta["num_classes"], meta["input_shape"], **meta.get("arch_args", {}))
+    meta["arch"] = canonical_arch(meta["arch"])
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:
@@ -171,6 +245,64 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     model.amnesis_meta = {k: v for k, v in meta.items() if k != "fingerprint"}
     model.amnesis_meta["parent_fingerprint"] = meta.get("fingerprint")
     return model.to(map_location)
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
+    """Weights trained elsewhere: a .safetensors file, or a torch file read with
+    `weights_only=True` (never unpickled), holding a state dict or a dict with one under
+    `state_dict`, `model_state_dict` or `model`. DataParallel's `module.` prefix is dropped."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"weights file {path} does not exist")
+    if path.suffix == ".safetensors":
+        return _read_tensors(path, "weights file")
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # UnpicklingError for anything but tensors and containers
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"{path} is not a weights file torch can read safely (weights_only=True): {first}") from None
+    for key in ("state_dict", "model_state_dict", "model"):
+        if isinstance(loaded, dict) and isinstance(loaded.get(key), dict):
+            loaded = loaded[key]
+            break
+    if not isinstance(loaded, dict) or not loaded or not all(isinstance(t, Tensor) for t in loaded.values()):
+        raise UserError(f"{path} holds no state dict (a dict of parameter names to tensors)")
+    if all(name.startswith("module.") for name in loaded):
+        loaded = {name.removeprefix("module."): t for name, t in loaded.items()}
+    return loaded
+
+
+def import_model(
+    factory: str,
+    factory_kwargs: dict,
+    weights: str | os.PathLike,
+    input_shape,
+    normalize: dict | None = None,
+    num_classes: int | None = None,
+) -> nn.Module:
+    """The network `factory` builds, with the weights in `weights`, ready for `save_model`."""
+    state = read_state_dict(weights)
+    _check_finite(state, Path(weights))
+    if num_classes is None:
+        num_classes = _head_size(state, factory, factory_kwargs, tuple(input_shape))
+    model = build_model(factory, num_classes or 1, tuple(input_shape), **factory_kwargs)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        first = str(error).strip().splitlines()[1 if "\n" in str(error).strip() else 0].strip()
+        raise UserError(f"{weights} does not fit the network {factory} builds: {first}") from None
+    describe_model(model, factory, factory_kwargs, input_shape, normalize, num_classes)  # None: from its output
+    return model
+
+
+def _head_size(state: dict[str, Tensor], factory: str, factory_kwargs: dict, input_shape) -> int | None:
+    """The number of classes the weights were trained for: the first dimension of the tensor
+    that grows with `num_classes` in the factory's network (None if none does)."""
+    one, two = (build_model(factory, n, input_shape, **factory_kwargs).state_dict() for n in (1, 2))
+    for name, tensor in one.items():
+        if name in state and tensor.dim() and tensor.shape[0] == 1 and two[name].shape[0] == 2:
+            return int(state[name].shape[0])
+    return None
 
 
 def save_importance(

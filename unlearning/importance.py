@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from unlearning.errors import UserError
+from unlearning.models import logits_of
 from unlearning.per_sample import HEAP_BLOCK_BYTES, LayerwisePerSample
 
 KINDS = ("fisher", "l2", "l2_norm")
@@ -214,7 +215,7 @@ def _mallopt(parameter: int, value: int) -> bool:
 
 def _batch_step(model, kind, inputs, labels, result, _chunk) -> None:
     params = trainable_parameters(model)
-    loss = _loss(kind, model(inputs), labels)
+    loss = _loss(kind, logits_of(model(inputs)), labels)
     grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
     for name, gradient in zip(params, grads):
         if gradient is not None:
@@ -247,7 +248,7 @@ def _vmap_per_sample_step(model, kind, inputs, labels, result, chunk) -> None:
     buffers = dict(model.named_buffers())
 
     def one_sample_loss(parameters, x, y):
-        logits = functional_call(model, (parameters, buffers), (x.unsqueeze(0),))
+        logits = logits_of(functional_call(model, (parameters, buffers), (x.unsqueeze(0),)))
         return _loss(kind, logits, y.unsqueeze(0))
 
     per_sample_grad = vmap(grad(one_sample_loss), in_dims=(None, 0, 0))

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from unlearning.data import Split
+from unlearning.models import logits_of
 
 
 @torch.no_grad()
@@ -22,7 +23,7 @@ def predict_logits(
     device = next(model.parameters()).device
     try:
         outputs = [
-            model(inputs.to(device)).float().cpu()
+            logits_of(model(inputs.to(device))).float().cpu()
             for inputs, _ in split.batches(batch_size, normalize=normalize)
         ]
     finally:

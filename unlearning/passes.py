@@ -25,6 +25,7 @@ from unlearning.data import Split
 from unlearning.data.rows import is_lazy
 from unlearning.importance import ImportanceSums, compute_importance_sums
 from unlearning.metrics import accuracy_of, entropy
+from unlearning.models import logits_of
 
 EVAL_BATCH = 512
 LOCAL_CACHE_BYTES = 256 << 20  # decoded rows of small splits kept between passes, per process
@@ -71,7 +72,7 @@ def predict_outcomes(models: Sequence[nn.Module], batches: Iterable[tuple[Tensor
         for inputs, _ in batches:
             for model, found in zip(models, parts):
                 where = device or next(model.parameters()).device
-                found.append(outcomes_of_logits(model(inputs.to(where))))
+                found.append(outcomes_of_logits(logits_of(model(inputs.to(where)))))
     finally:
         for model, flag in zip(models, flags):
             model.train(flag)

@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from unlearning.models import logits_of
+
 HEAP_BLOCK_BYTES = 32 << 20  # glibc mmaps blocks this large or larger (importance.keep_freed_memory)
 LAYER_BUDGET_BYTES = 256 << 20  # one layer's per-sample gradients and unfolded inputs, per chunk
 GROUPED_MIN_POSITIONS = 128  # convolutions with more output positions use a grouped backward
@@ -98,7 +100,7 @@ class LayerwisePerSample:
         handles = [module.register_forward_hook(forward_hook(name)) for name, module in self.layers.items()]
         try:
             x = inputs.detach().requires_grad_(True)
-            logits = self.model(x)
+            logits = logits_of(self.model(x))
             if any(count != 1 for count in calls.values()) or len(calls) != len(self.layers):
                 return False
             torch.autograd.grad(loss_of(logits), x)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from unlearning.data import Split
+from unlearning.models import logits_of
 
 
 @dataclass
@@ -33,8 +34,8 @@ DEFAULT_RECIPES = {
     "mlp": TrainConfig(epochs=30, lr=0.05),
     "small_cnn": TrainConfig(epochs=30, lr=0.05),
     "resnet_small": TrainConfig(epochs=8, batch_size=128, lr=0.2, augment=True),
-    "resnet18": TrainConfig(epochs=30, batch_size=128, lr=0.1, augment=True),
-    "vit_b_16": TrainConfig(epochs=10, batch_size=64, lr=1e-4, optimizer="adam", weight_decay=0.05),
+    "torchvision:resnet18": TrainConfig(epochs=30, batch_size=128, lr=0.1, augment=True),
+    "torchvision:vit_b_16": TrainConfig(epochs=10, batch_size=64, lr=1e-4, optimizer="adam", weight_decay=0.05),
 }
 
 
@@ -88,7 +89,7 @@ def fit(
     for epoch in range(config.epochs):
         for inputs, labels in make_batches(epoch):
             inputs, labels = inputs.to(device), labels.to(device)
-            loss = loss_fn(model(inputs), labels)
+            loss = loss_fn(logits_of(model(inputs)), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -12,6 +12,7 @@ from unlearning.checkpoint import model_meta, new_model
 from unlearning.errors import UserError
 from unlearning.methods.registry import MethodOutput, register_method
 from unlearning.methods.task import UnlearningTask
+from unlearning.models import logits_of
 from unlearning.training import TrainConfig, train
 
 
@@ -83,9 +84,9 @@ def bad_teacher_method(
         for inputs, is_forget in batches:
             inputs, is_forget = inputs.to(task.device), is_forget.to(task.device).bool()
             with torch.no_grad():
-                teacher = torch.where(is_forget.view(-1, 1), incompetent(inputs), competent(inputs))
+                teacher = torch.where(is_forget.view(-1, 1), logits_of(incompetent(inputs)), logits_of(competent(inputs)))
             loss = F.kl_div(
-                F.log_softmax(student(inputs) / temperature, dim=1),
+                F.log_softmax(logits_of(student(inputs)) / temperature, dim=1),
                 F.softmax(teacher / temperature, dim=1),
                 reduction="batchmean",
             )

@@ -9,6 +9,7 @@ import torch
 from unlearning.checkpoint import model_meta
 from unlearning.methods.registry import MethodOutput, register_method
 from unlearning.methods.task import UnlearningTask
+from unlearning.models import logits_of
 
 # (sigma, lr) per request kind. The JiT paper gives the ViT values. For convolutional
 # networks we take the JiT authors' own CNN settings (their VGG runs): at the ViT step sizes
@@ -20,7 +21,7 @@ JIT_DEFAULTS_CNN = {"class": (0.5, 3e-4), "subclass": (0.01, 3e-4), "random": (0
 
 def jit_defaults(arch: str, kind: str) -> tuple[float, float]:
     """The paper's ViT defaults for ViTs, the authors' CNN ones otherwise; `ids` is `random`."""
-    table = JIT_DEFAULTS_VIT if arch.startswith("vit") else JIT_DEFAULTS_CNN
+    table = JIT_DEFAULTS_VIT if arch.rpartition(":")[2].startswith("vit") else JIT_DEFAULTS_CNN
     return table.get(kind, table["random"])
 
 
@@ -44,13 +45,13 @@ def jit_method(task: UnlearningTask, sigma: float | None, lr: float | None, copi
     for inputs, _ in task.batches(task.forget_split):
         inputs = inputs.to(task.device)
         low, high = inputs.min(), inputs.max()
-        outputs = model(inputs)
+        outputs = logits_of(model(inputs))
         loss = 0.0
         for _ in range(copies):
             noise = torch.randn(inputs.shape, generator=generator, device=task.device, dtype=inputs.dtype)
             noisy = torch.clamp(inputs + sigma * noise, low, high)
             with torch.no_grad():  # the gradient flows through f(x) only, as in the authors' code
-                noisy_outputs = model(noisy)
+                noisy_outputs = logits_of(model(noisy))
             loss = loss + lipschitz_ratio(outputs, noisy_outputs, inputs, noisy).sum()
         optimizer.zero_grad(set_to_none=True)
         (loss / copies).backward()
