@@ -29,6 +29,7 @@ from unlearning.errors import UserError
 from unlearning.evaluation import evaluate_model, evaluate_models
 from unlearning.methods import MethodOutput, UnlearningTask
 from unlearning.metrics import healed_fraction
+from unlearning.models import arch_label
 from unlearning.training import TrainConfig
 
 FaultPoint = Callable[[str], None]  # called with a step's name; tests kill the process there
@@ -136,6 +137,12 @@ def prepare_request(
         dataset = replace(dataset, train=dataset.train.where(~gone))
     _check_model_fits(model_meta(model), dataset, model_path, data_spec)
     forget = unlearning.parse_forget(forget_spec, dataset, seed=options.seed)
+    return prepare_loaded(model, dataset, forget, options, data_spec)
+
+
+def prepare_loaded(model: torch.nn.Module, dataset: Dataset, forget: ForgetSet, options: ForgetOptions,
+                   data_spec: str) -> PreparedRequest:
+    """The request on a model and data set already at hand (the Python API starts here)."""
     full_importance, store_meta = _load_store(options.importance_store, model, dataset, data_spec)
     task = build_task(
         model, dataset, forget,
@@ -277,18 +284,28 @@ def run_forget(
     """
     if Path(out).exists():
         raise UserError(f"{out} already exists; choose a new output path (nothing is overwritten)")
-    search_config = _search_config(options)
+    search_config = search_config_of(options)
     model_path, version, removed_before = _resolve(model_uri)
     prepared = prepare_request(model_path, data_spec, forget_spec, options, removed_before)
     try:
-        return _run_prepared(prepared, model_path, version, data_spec, out, options, search_config,
-                             len(removed_before), progress, fault_point)
+        report, _ = run_prepared(prepared, model_path, version, data_spec, out, options, search_config,
+                                 len(removed_before), progress, fault_point)
+        return report
     finally:
         prepared.task.executor.close()  # Ray evaluators, cached rows
 
 
-def _run_prepared(prepared: PreparedRequest, model_path: str, version: dict | None, data_spec: str, out: str,
-                  options: ForgetOptions, search_config, removed_before: int, progress, fault_point) -> RequestReport:
+def run_prepared(prepared: PreparedRequest, model_path: str | None, version: dict | None, data_spec: str,
+                 out: str | None,
+                 options: ForgetOptions, search_config, removed_before: int = 0, progress=None,
+                 fault_point: FaultPoint | None = None) -> tuple[RequestReport, torch.nn.Module]:
+    """Unlearn, evaluate, write the run directory at `out` (MLflow inside); (report, new model).
+
+    `model_path` is the starting model's checkpoint (registered as the lineage's original if
+    the registry does not know it yet). `out=None` writes nothing (and then `options.track`
+    and `options.plots` must be off)."""
+    if out is None and (options.track or options.plots):
+        raise ValueError("a request tracked in MLflow or with a report page needs a run directory")
     prepared.task.progress = progress
     method, output, seconds, trials = _unlearn(prepared, options, search_config, progress)
     report = build_report(prepared, method, output, seconds, data_spec, removed_before, options.zrf)
@@ -302,7 +319,7 @@ def _run_prepared(prepared: PreparedRequest, model_path: str, version: dict | No
     name = None
     if options.track:
         meta = model_meta(prepared.model)
-        name = (version or {}).get("name") or options.model_name or f"{meta['arch']}-{prepared.dataset.name}"
+        name = (version or {}).get("name") or options.model_name or f"{arch_label(meta['arch'])}-{prepared.dataset.name}"
 
     def publish(staging: Path) -> None:
         files = []
@@ -323,11 +340,14 @@ def _run_prepared(prepared: PreparedRequest, model_path: str, version: dict | No
             if fault_point is not None:
                 fault_point("logged")  # registered in MLflow, run directory not yet in place
 
-    write_run(out, output.model, report, prepared.forget, publish)
-    return report
+    if out is None:  # the Python API without a run directory: nothing to publish or record
+        report.fingerprint = unlearning.model_fingerprint(output.model)
+    else:
+        write_run(out, output.model, report, prepared.forget, publish)
+    return report, output.model
 
 
-def _search_config(options: ForgetOptions):
+def search_config_of(options: ForgetOptions):
     if not options.search:
         return None
     from pipelines.search import load_search_config

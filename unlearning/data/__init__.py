@@ -11,7 +11,7 @@
 """
 
 from unlearning.data.containers import Dataset, Split, Trigger, add_trigger, normalize_batch
-from unlearning.data.forget import ForgetSet, parse_forget, read_id_file, split_forget
+from unlearning.data.forget import ForgetSet, forget_ids, parse_forget, read_id_file, split_forget
 from unlearning.data.load import load_dataset, open_dataset
 from unlearning.data.rows import RowInputs, Stamp
 from unlearning.data.sources import (
@@ -42,6 +42,7 @@ __all__ = [
     "add_trigger",
     "coarse_task",
     "decode_rows",
+    "forget_ids",
     "fingerprint_bytes",
     "load_dataset",
     "normalize_batch",

@@ -79,6 +79,23 @@ def parse_forget(spec: str, dataset: Dataset, seed: int = 0) -> ForgetSet:
         forget = ForgetSet(spec, "random", train.ids[chosen.sort().values])
     else:
         forget = ForgetSet(spec, "ids", read_id_file(Path(spec)))
+    return checked_forget(forget, dataset)
+
+
+def forget_ids(ids, dataset: Dataset, spec: str = "ids") -> ForgetSet:
+    """A forget set of explicit training ids (any integer sequence, array or tensor)."""
+    try:
+        values = torch.as_tensor(np.asarray(ids)).flatten()
+    except (TypeError, ValueError, RuntimeError):
+        raise UserError(f"forget ids must be integers, got {type(ids).__name__}") from None
+    if values.is_floating_point() or values.is_complex() or values.dtype == torch.bool:
+        raise UserError(f"forget ids must be integers, got {values.dtype}")
+    return checked_forget(ForgetSet(spec, "ids", torch.unique(values.to(torch.int64))), dataset)
+
+
+def checked_forget(forget: ForgetSet, dataset: Dataset) -> ForgetSet:
+    """`forget`, once it is known to name some, but not all, of the training rows."""
+    spec, train = forget.spec, dataset.train
     if len(forget.ids) == 0:
         raise UserError(f"forget set {spec!r} is empty")
     dataset.index_of(forget.ids)  # raises on ids not in the data
