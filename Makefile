@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 # A failing pip stops make here (its errors are shown, never filtered).
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[all,postgres,dev]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[all,postgres,timm,dev]'
 	$(PY) -c "import torch, ray, mlflow, psycopg, unlearning, pipelines"
 	touch $(STAMP)
 

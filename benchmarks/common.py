@@ -20,6 +20,7 @@ import unlearning
 from unlearning.checkpoint import model_meta
 from unlearning.data import fingerprint_bytes
 from unlearning.evaluation import evaluate_model
+from unlearning.models import arch_label
 from unlearning.training import TrainConfig, train
 
 HERE = Path(__file__).resolve().parent
@@ -98,7 +99,7 @@ def original_model(scale: Scale, dataset: unlearning.Dataset, seed: int, log=pri
     key = fingerprint_bytes(
         json.dumps([dataset.fingerprint, scale.arch, scale.arch_args(), recipe.to_dict()], sort_keys=True).encode()
     )
-    path = CACHE / "models" / f"{dataset.name}-{scale.arch}-seed{seed}-{key}"
+    path = CACHE / "models" / f"{dataset.name}-{arch_label(scale.arch)}-seed{seed}-{key}"
     info_path = path / "benchmark.json"
     if info_path.exists():
         model = unlearning.load_model(path)

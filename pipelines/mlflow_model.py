@@ -24,6 +24,8 @@ import torch
 import unlearning
 from unlearning.checkpoint import model_meta
 from unlearning.data import Split
+from unlearning.errors import UserError
+from unlearning.models import logits_of
 
 MODEL_NAME = "model"  # the logged model's name within its run
 EXAMPLE_ROWS = 5  # more than one, so that torch.export keeps the batch dimension dynamic
@@ -50,6 +52,18 @@ def model_signature(meta: dict):
     )
 
 
+class LogitsOnly(torch.nn.Module):
+    """The checkpoint's model returning its logits tensor, also when it returns a dict or a
+    ModelOutput (MLflow's pytorch flavor serves one tensor)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return logits_of(self.model(inputs))
+
+
 def log_checkpoint_model(checkpoint: Path, input_example: np.ndarray):
     """Log the checkpoint at `checkpoint` as the active run's model; returns MLflow's ModelInfo."""
     import mlflow.pytorch
@@ -66,13 +80,18 @@ def log_checkpoint_model(checkpoint: Path, input_example: np.ndarray):
             "inputs": "normalised: (x - normalize.mean) / normalize.std per channel",
         }
     }
-    return mlflow.pytorch.log_model(
-        model,
-        name=MODEL_NAME,
-        signature=model_signature(meta),
-        input_example=input_example,
-        serialization_format="pt2",
-        metadata=metadata,
-        # the exported graph needs torch only; inferring requirements would load it in a subprocess
-        pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
-    )
+    try:
+        return mlflow.pytorch.log_model(
+            LogitsOnly(model).eval(),
+            name=MODEL_NAME,
+            signature=model_signature(meta),
+            input_example=input_example,
+            serialization_format="pt2",
+            metadata=metadata,
+            # the exported graph needs torch only; inferring requirements would load it in a subprocess
+            pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
+        )
+    except torch._dynamo.exc.TorchDynamoException as error:  # what torch.export cannot trace
+        first = str(error).strip().splitlines()[0]
+        raise UserError(f"torch.export cannot export {meta['arch']} for MLflow ({first}); "
+                        "run the request with --no-track (track=False)") from None

@@ -13,6 +13,7 @@ from dataclasses import replace
 import unlearning
 from unlearning.checkpoint import model_meta
 from unlearning.errors import UserError
+from unlearning.models import canonical_arch
 
 
 def default_arch(dataset) -> str:
@@ -23,7 +24,7 @@ def default_arch(dataset) -> str:
 
 def train_checkpoint(
     data_spec: str, out: str, arch: str | None = None, epochs: int | None = None, lr: float | None = None,
-    seed: int = 0, progress: bool = True, device: str | None = None,
+    seed: int = 0, progress: bool = True, device: str | None = None, arch_args: dict | None = None,
 ) -> str:
     """Train an original model (seeded) and write its checkpoint at `out`; returns a summary line."""
     import torch
@@ -35,7 +36,7 @@ def train_checkpoint(
 
     dataset = unlearning.load_dataset(data_spec)
     arch = arch or default_arch(dataset)
-    recipe = DEFAULT_RECIPES.get(arch, TrainConfig())
+    recipe = DEFAULT_RECIPES.get(canonical_arch(arch), TrainConfig())
     config = replace(recipe, epochs=recipe.epochs if epochs is None else epochs, seed=seed,
                      lr=recipe.lr if lr is None else lr)
     if config.epochs < 1:
@@ -43,7 +44,8 @@ def train_checkpoint(
     if os.path.exists(out):
         raise UserError(f"{out} already exists; choose a new output path (nothing is overwritten)")
     normalize = dataset.normalization()
-    model = unlearning.new_model(arch, dataset.num_classes, dataset.input_shape, normalize, seed=seed)
+    model = unlearning.new_model(arch, dataset.num_classes, dataset.input_shape, normalize, seed=seed,
+                                 **(arch_args or {}))
     started = time.perf_counter()
     total = config.epochs * len(dataset.train)
     with tqdm(total=total, desc=f"train {arch}", unit="sample", disable=not progress, leave=False) as bar:
@@ -61,6 +63,38 @@ def train_checkpoint(
         f"{seconds:.1f} s): train acc {metrics['train_acc']:.3f}, test acc {metrics['test_acc']:.3f} "
         f"-> {out} ({fingerprint})"
     )
+
+
+def import_checkpoint(
+    factory: str, factory_kwargs: dict, weights: str, input_shape: list[int], out: str,
+    normalize: dict | None = None, num_classes: int | None = None, data_spec: str | None = None,
+) -> str:
+    """A checkpoint at `out` from weights trained elsewhere; returns a summary line.
+
+    With `data_spec`, the model must fit that data set and its test accuracy is reported.
+    """
+    from unlearning.checkpoint import import_model
+    from unlearning.evaluation import evaluate_model
+
+    if os.path.exists(out):
+        raise UserError(f"{out} already exists; choose a new output path (nothing is overwritten)")
+    if normalize is not None and len(normalize["mean"]) != len(normalize["std"]):
+        raise UserError("--mean and --std need one value per channel each")
+    model = import_model(factory, factory_kwargs, weights, input_shape, normalize, num_classes)
+    meta = model_meta(model)
+    accuracy = ""
+    if data_spec:
+        dataset = unlearning.data.open_dataset(data_spec)
+        if meta["num_classes"] != dataset.num_classes or tuple(meta["input_shape"]) != dataset.input_shape:
+            raise UserError(f"the imported model takes {meta['num_classes']} classes of shape "
+                            f"{tuple(meta['input_shape'])}; {data_spec} has {dataset.num_classes} of shape "
+                            f"{dataset.input_shape}")
+        metrics = evaluate_model(model, dataset, None, normalize)
+        meta["dataset"] = {"spec": str(data_spec), "fingerprint": dataset.fingerprint}
+        accuracy = f", test acc {metrics['test_acc']:.3f} on {dataset.name}"
+    fingerprint = unlearning.save_model(model, out)
+    return (f"imported {meta['arch']} ({meta['num_classes']} classes, input {meta['input_shape']}) from "
+            f"{weights}{accuracy} -> {out} ({fingerprint})")
 
 
 def evaluate_checkpoint(model_path: str, data_spec: str, forget_spec: str | None, seed: int = 0,

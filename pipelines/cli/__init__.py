@@ -1,6 +1,7 @@
 """`unlearn`: the command line, one module per command group; user errors are one line.
 
-    unlearn train      --data DATA [--arch NAME] [--epochs E] [--seed S] --out CKPT   (models)
+    unlearn train      --data DATA [--arch FACTORY] [--epochs E] [--seed S] --out CKPT (models)
+    unlearn import     --factory FACTORY --weights FILE --input-shape C,H,W --out CKPT (models)
     unlearn evaluate   --model CKPT --data DATA [--forget SPEC] [--out FILE]          (models)
     unlearn importance --model CKPT --data DATA --out STORE [--workers N] ...         (importance)
     unlearn forget     --model CKPT --data DATA --forget SPEC --out DIR [--method M]  (forget)
@@ -25,7 +26,8 @@ from unlearning.errors import UserError
 
 GROUPS = (models, importance, forget, requests, tools)
 EXTRAS = {"ray": "ray", "mlflow": "mlflow", "sqlalchemy": "ledger", "optuna": "ray", "yaml": "ray",
-          "tqdm": "ray", "matplotlib": "mlflow", "psycopg": "postgres"}  # module -> the extra installing it
+          "tqdm": "ray", "matplotlib": "mlflow", "psycopg": "postgres",
+          "alembic": "ledger"}  # module -> the extra installing it
 IN_ALL = ("ray", "mlflow", "ledger")  # the extras `amnesis[all]` brings
 PROJECT_LOGGERS = ("pipelines", "unlearning")
 

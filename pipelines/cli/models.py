@@ -1,21 +1,46 @@
-"""`unlearn train` and `unlearn evaluate`: original models and their metrics."""
+"""`unlearn train`, `unlearn import` and `unlearn evaluate`: original models and their metrics."""
 
 from __future__ import annotations
 
+import argparse
 import json
+
+from pipelines.cli.common import key_value
+
+ARCH_HELP = ("a built-in architecture (mlp, small_cnn, resnet_small, torchvision:resnet18, "
+             "torchvision:vit_b_16), torchvision:NAME, timm:NAME, or your factory package.module:callable")
 
 
 def add_commands(commands) -> None:
     train = commands.add_parser("train", help="train an original model (seeded)")
     train.add_argument("--data", required=True, help="digits, a Parquet file/dir, or an image folder")
-    train.add_argument("--arch", help="architecture (default: small_cnn for small images, "
-                                      "resnet_small for 32x32, mlp for features)")
+    train.add_argument("--arch", metavar="FACTORY", help=ARCH_HELP + " (default: small_cnn for small images, "
+                       "resnet_small for 32x32, mlp for features)")
+    train.add_argument("--arch-arg", type=key_value, action="append", metavar="KEY=VALUE",
+                       help="a keyword argument of the architecture's factory (repeatable)")
     train.add_argument("--epochs", type=int, help="epochs (default: the architecture's recipe)")
     train.add_argument("--lr", type=float, help="learning rate (default: the architecture's recipe)")
     train.add_argument("--seed", type=int, default=0, help="seed of the initialisation and batch order")
     train.add_argument("--out", required=True, help="checkpoint directory to create")
     train.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
     train.set_defaults(func=cmd_train)
+
+    imported = commands.add_parser("import", help="a checkpoint from weights trained elsewhere and the factory "
+                                                  "that builds their network")
+    imported.add_argument("--factory", required=True, metavar="FACTORY", help=ARCH_HELP)
+    imported.add_argument("--factory-arg", type=key_value, action="append", metavar="KEY=VALUE",
+                          help="a keyword argument of the factory (repeatable)")
+    imported.add_argument("--weights", required=True,
+                          help="a state dict: .safetensors, or a torch file (read with weights_only=True)")
+    imported.add_argument("--input-shape", required=True, type=_shape, metavar="C,H,W",
+                          help="one input's shape without the batch dimension, e.g. 3,32,32 (or 64 for features)")
+    imported.add_argument("--num-classes", type=int, help="default: read from the model's output")
+    imported.add_argument("--mean", type=_floats, metavar="M1,M2,...",
+                          help="per-channel mean the model's inputs are normalised with (with --std)")
+    imported.add_argument("--std", type=_floats, metavar="S1,S2,...", help="per-channel std (with --mean)")
+    imported.add_argument("--data", help="check the model on this data set's test split and record it")
+    imported.add_argument("--out", required=True, help="checkpoint directory to create")
+    imported.set_defaults(func=cmd_import)
 
     evaluate = commands.add_parser("evaluate", help="metrics of a checkpoint as JSON")
     evaluate.add_argument("--model", required=True, help="a checkpoint directory")
@@ -32,8 +57,38 @@ def cmd_train(args) -> int:
     from pipelines.train import train_checkpoint
 
     device = check_device(args.device)
-    print(train_checkpoint(args.data, args.out, args.arch, args.epochs, args.lr, args.seed, not args.quiet, device))
+    print(train_checkpoint(args.data, args.out, args.arch, args.epochs, args.lr, args.seed, not args.quiet, device,
+                           arch_args=dict(args.arch_arg or [])))
     return 0
+
+
+def cmd_import(args) -> int:
+    from pipelines.train import import_checkpoint
+    from unlearning.errors import UserError
+
+    if (args.mean is None) != (args.std is None):
+        raise UserError("--mean and --std go together")
+    normalize = {"mean": args.mean, "std": args.std} if args.mean is not None else None
+    print(import_checkpoint(args.factory, dict(args.factory_arg or []), args.weights, args.input_shape, args.out,
+                            normalize=normalize, num_classes=args.num_classes, data_spec=args.data))
+    return 0
+
+
+def _shape(text: str) -> list[int]:
+    try:
+        shape = [int(part) for part in text.split(",")]
+    except ValueError:
+        shape = []
+    if not shape or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a shape like 3,32,32")
+    return shape
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
 
 
 def cmd_evaluate(args) -> int:

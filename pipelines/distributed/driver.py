@@ -30,6 +30,7 @@ from unlearning.data import Split, open_dataset
 from unlearning.data.rows import is_lazy
 from unlearning.errors import UserError
 from unlearning.importance import KINDS, MODES
+from unlearning.models import factory_module
 from unlearning.passes import LocalExecutor
 
 MAX_FAILURES = 3  # worker-group restarts before a run gives up
@@ -176,10 +177,25 @@ def _fit(rows: RaySplit, plan, model, config: dict, cluster: dict, label: str | 
 
 def cpu_model(model: torch.nn.Module) -> torch.nn.Module:
     """The model as it goes into the object store: itself if on CPU, else a CPU copy (the
-    caller's model stays on its device)."""
+    caller's model stays on its device). A user's model class travels with it (`ship_code`)."""
+    ship_code(model)
     if all(t.device.type == "cpu" for t in model.state_dict().values()):
         return model
     return copy.deepcopy(model).cpu()
+
+
+def ship_code(model: torch.nn.Module) -> None:
+    """Pickle a user factory's module by value, so that workers rebuild the model's classes
+    without that module being installed or on their PYTHONPATH (a file outside the project,
+    a notebook's module). Registered, torchvision and timm models travel by reference."""
+    import sys
+
+    from ray import cloudpickle
+
+    name = factory_module(getattr(model, "amnesis_meta", {}).get("arch", ""))
+    module = sys.modules.get(name) if name else None
+    if module is not None and getattr(module, "__file__", None):
+        cloudpickle.register_pickle_by_value(module)
 
 
 def cuda_on_gpu_nodes(cluster: dict) -> bool:

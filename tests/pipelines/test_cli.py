@@ -89,6 +89,38 @@ def test_empty_and_foreign_id_files(tmp_path, capsys, digits_checkpoint):
     assert not (tmp_path / "run").exists()
 
 
+def test_import_of_weights_trained_elsewhere(tmp_path, capsys, digits_model):
+    """`unlearn import` gives the checkpoint save_model gives; bad weights are one line."""
+    import torch
+
+    torch.save({"state_dict": digits_model.state_dict()}, tmp_path / "w.pt")
+    normalize = digits_model.amnesis_meta["normalize"]
+    base = ["import", "--factory", "small_cnn", "--weights", tmp_path / "w.pt", "--input-shape", "1,8,8",
+            "--mean", normalize["mean"][0], "--std", normalize["std"][0]]
+    code, out, err = run(capsys, *base, "--data", "digits", "--out", tmp_path / "ck")
+    assert code == 0, err
+    assert "10 classes" in out and "test acc 0.9" in out
+    imported = json.loads((tmp_path / "ck" / "model.json").read_text())
+    assert imported["fingerprint"] == __import__("unlearning").model_fingerprint(digits_model)
+    assert imported["normalize"] == normalize
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("unpickled",))
+
+    torch.save({"state_dict": digits_model.state_dict(), "extra": Payload()}, tmp_path / "pickled.pt")
+    for argv, message in [
+        ([*base[:4], tmp_path / "pickled.pt", *base[5:]], "weights_only=True"),
+        ([*base[:2], "small_cnn", "--factory-arg", "width=4", *base[3:]], "does not fit the network small_cnn"),
+        ([*base[:2], "shutil:rmtree", *base[3:]], "must be a torch.nn.Module subclass"),
+        ([*base, "--data", "digits+coarse:0,1/2,3,4,5,6,7,8,9"], "has 2 of shape"),
+        ([*base[:-2]], "--mean and --std go together"),
+    ]:
+        code, _, err = run(capsys, *argv, "--out", tmp_path / "bad")
+        assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, (argv, err)
+        assert not (tmp_path / "bad").exists()
+
+
 def test_output_over_the_input_model_is_refused(capsys, digits_checkpoint):
     before = (digits_checkpoint / "model.safetensors").read_bytes()
     code, _, err = run(capsys, "forget", "--model", digits_checkpoint, "--data", "digits", "--forget", "class:1", "--out", digits_checkpoint)
