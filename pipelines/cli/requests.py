@@ -1,8 +1,9 @@
-"""`unlearn requests add|list|show|process`: the deletion-request ledger."""
+"""`unlearn requests add|list|show|reject|process`: the deletion-request ledger."""
 
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from pathlib import Path
 
 from pipelines.cli.common import METHODS_HELP, method_listing
@@ -10,7 +11,7 @@ from unlearning.errors import UserError
 
 
 def add_commands(commands) -> None:
-    requests = commands.add_parser("requests", help="the deletion-request ledger (add, list, show, process)")
+    requests = commands.add_parser("requests", help="the deletion-request ledger (add, list, show, reject, process)")
     actions = requests.add_subparsers(dest="action", required=True, metavar="ACTION")
     add = actions.add_parser("add", help="queue a deletion request")
     add.add_argument("--ids", help="comma- or space-separated sample ids")
@@ -18,10 +19,14 @@ def add_commands(commands) -> None:
     add.add_argument("--reason", help="why (e.g. 'GDPR art. 17 request #123')")
     add.add_argument("--requester", help="who asked")
     listing = actions.add_parser("list", help="requests, oldest first")
-    listing.add_argument("--status", choices=["pending", "processing", "done", "rejected"], help="only these")
+    listing.add_argument("--status", choices=["pending", "processing", "done", "rejected", "failed"],
+                         help="only these")
     listing.add_argument("--json", action="store_true", help="print JSON")
     show = actions.add_parser("show", help="one request with its batch")
     show.add_argument("request_id", type=int, help="the request's number")
+    reject = actions.add_parser("reject", help="refuse (or cancel) a pending request, with the reason")
+    reject.add_argument("request_id", type=int, help="the request's number")
+    reject.add_argument("--reason", required=True, help="why it will not be carried out (kept in the ledger)")
     process = actions.add_parser("process", help="the scheduled job: unlearn all pending requests at once",
                                  **method_listing())
     process.add_argument("--model-name", required=True, help="registered model to update (its @current version)")
@@ -32,8 +37,8 @@ def add_commands(commands) -> None:
     process.add_argument("--method", default="ptn", help=METHODS_HELP)
     process.add_argument("--seed", type=int, default=0, help="seed of the methods")
     process.add_argument("--out-root", default="runs/requests", help="where batch run directories go")
-    for sub in (add, listing, show, process):
-        sub.add_argument("--ledger", help="SQLAlchemy URL (default: AMNESIS_LEDGER_URL or sqlite:///requests.db)")
+    for sub in (add, listing, show, reject, process):
+        sub.add_argument("--ledger", help="a SQLite or PostgreSQL URL (default: AMNESIS_LEDGER_URL or sqlite:///requests.db)")
     requests.set_defaults(func=cmd_requests)
 
 
@@ -41,7 +46,7 @@ def cmd_requests(args) -> int:
     from pipelines.ledger import Ledger
 
     ledger = Ledger(args.ledger)
-    action = {"add": _add, "list": _list, "show": _show, "process": _process}[args.action]
+    action = {"add": _add, "list": _list, "show": _show, "reject": _reject, "process": _process}[args.action]
     return action(ledger, args)
 
 
@@ -71,19 +76,30 @@ def _read_ids(args) -> list[int]:
 def _list(ledger, args) -> int:
     rows = ledger.list(args.status)
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps(rows, indent=2, default=_iso))
         return 0
-    print(f"{'id':>5}  {'status':<10} {'ids':>6}  {'version':>7}  {'created':<25} requester: reason")
+    print(f"{'id':>5}  {'status':<10} {'ids':>6}  {'version':>7}  {'created':<25} requester: reason [note]")
     for row in rows:
+        note = f" [{row['note']}]" if row["note"] else ""
         print(f"{row['id']:>5}  {row['status']:<10} {len(row['ids']):>6}  {row['model_version'] or '-':>7}  "
-              f"{row['created_at']:<25} {row['requester'] or '-'}: {row['reason'] or '-'}")
+              f"{_iso(row['created_at']):<25} {row['requester'] or '-'}: {row['reason'] or '-'}{note}")
     return 0
 
 
 def _show(ledger, args) -> int:
     row = ledger.get(args.request_id)
     batch = ledger.batch(row["batch_id"]) if row["batch_id"] else {}
-    print(json.dumps({**row, "batch": batch}, indent=2))
+    print(json.dumps({**row, "batch": batch}, indent=2, default=_iso))
+    return 0
+
+
+def _iso(moment: datetime) -> str:
+    return moment.isoformat(timespec="seconds")
+
+
+def _reject(ledger, args) -> int:
+    ledger.reject(args.request_id, args.reason)
+    print(f"request {args.request_id} rejected: {' '.join(args.reason.split())}")
     return 0
 
 

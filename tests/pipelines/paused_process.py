@@ -26,7 +26,7 @@ def main(url: str, checkpoint: str, out_root: str, model_name: str, step: str, m
         while True:
             time.sleep(60)
 
-    options = ForgetOptions(method="ssd", show_progress=False)  # the ledger logic is under test
+    options = ForgetOptions(method="ssd", plots=False, show_progress=False)  # the ledger logic is under test
     process_pending(Ledger(url), model_name, "digits", out_root, checkpoint, options, fault_point=pause_at)
 
 

@@ -245,6 +245,9 @@ def test_the_wheel_is_the_one_the_launcher_installs_and_ships_tune_configs(wheel
     assert configs >= {"ptn.yaml", "potion_ptn.yaml", "tpe.yaml"}
     assert {f"tune_configs/{name}" for name in configs} <= names
     assert "pipelines/cli/__init__.py" in names and "unlearning/__init__.py" in names
+    migrations = {f"pipelines/ledger_migrations/versions/{p.name}"
+                  for p in (ROOT / "pipelines" / "ledger_migrations" / "versions").glob("*.py")}
+    assert migrations and migrations <= names  # the ledger upgrades itself from an installed wheel
     assert not [n for n in names if n.startswith(("tests/", "benchmarks/", "cluster/"))]
 
 
