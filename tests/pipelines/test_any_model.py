@@ -41,17 +41,6 @@ class DigitsNet(nn.Module):
 '''
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    from pipelines.ray_session import ensure_ray
-
-    ensure_ray()
-    yield
-    ray.shutdown()
-
-
 @pytest.fixture
 def user_module(tmp_path, monkeypatch, ray_session):
     """Importable here only: the path is added after Ray started, so its workers lack it."""

@@ -30,17 +30,6 @@ DIGITS_BATCH = 64  # 1438 training rows -> 23 batches, the last one of 30 rows
 PARQUET_BATCH = 24  # 160 training rows -> 7 batches, the last one of 16 rows
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    from pipelines.ray_session import ensure_ray
-
-    ensure_ray()
-    yield
-    ray.shutdown()
-
-
 @pytest.fixture
 def digits_checkpoint(untrained_digits_checkpoint):
     return untrained_digits_checkpoint
