@@ -104,7 +104,8 @@ def _reject(ledger, args) -> int:
 
 
 def _process(ledger, args) -> int:
-    from pipelines.ledger import Busy, process_pending
+    from pipelines.ledger import Busy
+    from pipelines.ledger_jobs import process_pending
     from pipelines.request import ForgetOptions
 
     options = ForgetOptions(importance_store=args.importance, search=args.search, method=args.method, seed=args.seed)

@@ -13,7 +13,8 @@ import os
 import sys
 import time
 
-from pipelines.ledger import Ledger, process_pending
+from pipelines.ledger import Ledger
+from pipelines.ledger_jobs import process_pending
 from pipelines.request import ForgetOptions
 
 

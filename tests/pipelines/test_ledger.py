@@ -25,7 +25,8 @@ import sqlalchemy as sa
 from mlflow import MlflowClient
 
 from pipelines.cli import main
-from pipelines.ledger import Busy, Ledger, batches_table, metadata, process_pending
+from pipelines.ledger import Busy, Ledger, batches_table, metadata
+from pipelines.ledger_jobs import process_pending
 from pipelines.request import ForgetOptions
 from pipelines.tracking import lineage_removed_ids
 from unlearning.errors import UserError
