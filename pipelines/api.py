@@ -37,8 +37,14 @@ from torch import Tensor, nn
 
 import unlearning
 from pipelines.report import RequestReport
-from pipelines.request import ForgetOptions, prepare_loaded, run_prepared, search_config_of
-from unlearning.checkpoint import attach_meta, describe_model, model_meta
+from pipelines.request import (
+    ForgetOptions,
+    check_model_fits,
+    prepare_loaded,
+    run_prepared,
+    search_config_of,
+)
+from unlearning.checkpoint import attach_meta, describe_model, model_meta, output_classes
 from unlearning.data import (
     Dataset,
     Split,
@@ -132,14 +138,14 @@ def _describe(model: nn.Module, dataset: Dataset, factory, factory_kwargs, norma
     if meta is not None:
         if factory is not None:
             raise UserError(f"the model already names its factory ({meta['arch']}); drop factory=")
-        _check_fits(_widen(dataset, meta), dataset)
+        check_model_fits(_widen(dataset, meta), dataset, "given", "given")
         return
     shape = dataset.input_shape
     if factory is not None:
         describe_model(model, factory, factory_kwargs, shape, normalize, None)
     else:  # usable for methods that never rebuild the network; saving it needs a factory
-        attach_meta(model, "", unlearning.checkpoint.output_classes(model, shape), shape, normalize)
-    _check_fits(_widen(dataset, model_meta(model)), dataset)
+        attach_meta(model, "", output_classes(model, shape), shape, normalize)
+    check_model_fits(_widen(dataset, model_meta(model)), dataset, "given", "given")
 
 
 def _widen(dataset: Dataset, meta: dict) -> dict:
@@ -148,12 +154,6 @@ def _widen(dataset: Dataset, meta: dict) -> dict:
         dataset.num_classes = meta["num_classes"]
         dataset.class_names = [str(k) for k in range(dataset.num_classes)]
     return meta
-
-
-def _check_fits(meta: dict, dataset: Dataset) -> None:
-    if meta["num_classes"] != dataset.num_classes or tuple(meta["input_shape"]) != dataset.input_shape:
-        raise UserError(f"the model takes {meta['num_classes']} classes of shape {tuple(meta['input_shape'])}; "
-                        f"the data have {dataset.num_classes} of shape {dataset.input_shape}")
 
 
 # ---------------------------------------------------------------- data in any form -> Dataset, ForgetSet

@@ -135,7 +135,7 @@ def prepare_request(
     if removed_before:
         gone = torch.isin(dataset.train.ids, torch.tensor(removed_before, dtype=torch.int64))
         dataset = replace(dataset, train=dataset.train.where(~gone))
-    _check_model_fits(model_meta(model), dataset, model_path, data_spec)
+    check_model_fits(model_meta(model), dataset, model_path, data_spec)
     forget = unlearning.parse_forget(forget_spec, dataset, seed=options.seed)
     return prepare_loaded(model, dataset, forget, options, data_spec)
 
@@ -157,7 +157,8 @@ def prepare_loaded(model: torch.nn.Module, dataset: Dataset, forget: ForgetSet, 
     return PreparedRequest(model, dataset, forget, task, store_meta)
 
 
-def _check_model_fits(meta: dict, dataset: Dataset, model_path: str, data_spec: str) -> None:
+def check_model_fits(meta: dict, dataset: Dataset, model_path: str, data_spec: str) -> None:
+    """UserError unless the model takes the data set's input shape and number of classes."""
     if meta["num_classes"] != dataset.num_classes or tuple(meta["input_shape"]) != dataset.input_shape:
         raise UserError(
             f"model {model_path} expects {meta['num_classes']} classes of shape {tuple(meta['input_shape'])}, "

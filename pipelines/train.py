@@ -73,6 +73,7 @@ def import_checkpoint(
 
     With `data_spec`, the model must fit that data set and its test accuracy is reported.
     """
+    from pipelines.request import check_model_fits
     from unlearning.checkpoint import import_model
     from unlearning.evaluation import evaluate_model
 
@@ -85,10 +86,7 @@ def import_checkpoint(
     accuracy = ""
     if data_spec:
         dataset = unlearning.data.open_dataset(data_spec)
-        if meta["num_classes"] != dataset.num_classes or tuple(meta["input_shape"]) != dataset.input_shape:
-            raise UserError(f"the imported model takes {meta['num_classes']} classes of shape "
-                            f"{tuple(meta['input_shape'])}; {data_spec} has {dataset.num_classes} of shape "
-                            f"{dataset.input_shape}")
+        check_model_fits(meta, dataset, f"from {weights}", data_spec)
         metrics = evaluate_model(model, dataset, None, normalize)
         meta["dataset"] = {"spec": str(data_spec), "fingerprint": dataset.fingerprint}
         accuracy = f", test acc {metrics['test_acc']:.3f} on {dataset.name}"
