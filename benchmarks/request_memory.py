@@ -83,7 +83,8 @@ def worker_kind(title: str) -> str | None:
 
 def run_request(model: Path, data: Path, method: str, out: Path) -> dict:
     command = [sys.executable, "-m", "pipelines.cli", "--quiet", "forget", "--model", str(model), "--data", str(data),
-               "--forget", "class:3", "--method", method, "--no-track", "--out", str(out)]
+               "--forget", "class:3", "--method", method, "--no-track", "--out", str(out),
+               "--accept-unmet"]  # memory is measured here: a missed target (exit 3) is not a failure
     started = time.monotonic()
     process = subprocess.Popen(command, cwd=REPO)
     peaks: dict[str, float] = {}

@@ -26,8 +26,8 @@ from benchmarks import suites
 from benchmarks.common import CIFAR10, RESULTS, Scale, log, machine, write_json
 from benchmarks.plots import plot
 from benchmarks.tables import table
+from pipelines.options import parse_param
 from pipelines.ray_session import available_cpus
-from pipelines.request import parse_param
 from unlearning.search import PTNConfig
 
 PTN = PTNConfig()

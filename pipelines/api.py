@@ -15,7 +15,7 @@ The same request `unlearn forget` makes (`pipelines.request`), on what a Python 
 - `forget`: a forget spec (`class:3`, `random:100`, an id file) or the ids themselves; or,
   with `retain=` instead of `train=`, the forget rows as data.
 - `test`: the test data, for in-memory `train` (a spec brings its own).
-- everything else is a `pipelines.request.ForgetOptions` field (method, params, search,
+- everything else is a `pipelines.options.ForgetOptions` field (method, params, search,
   importance_store, track, model_name, seed, device, workers, ray_min_rows, rho, ...).
 
 Returns `ForgetResult(model, report)`: the unlearned model and the typed `RequestReport`. With
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
@@ -36,14 +35,15 @@ import torch
 from torch import Tensor, nn
 
 import unlearning
+from pipelines.options import ForgetOptions
 from pipelines.report import RequestReport
 from pipelines.request import (
-    ForgetOptions,
     check_model_fits,
     prepare_loaded,
     run_prepared,
     search_config_of,
 )
+from unlearning import tempdirs
 from unlearning.checkpoint import attach_meta, describe_model, model_meta, output_classes
 from unlearning.data import (
     Dataset,
@@ -54,6 +54,7 @@ from unlearning.data import (
     parse_forget,
 )
 from unlearning.errors import UserError
+from unlearning.outputs import check_output_path
 
 INPUT_COLUMNS = ("image", "features", "inputs", "input", "x")  # a batch's or Ray Dataset's input column
 LABEL_COLUMNS = ("label", "labels", "y", "target")
@@ -79,12 +80,11 @@ def forget(
     **options,
 ) -> ForgetResult:
     """One deletion request; see the module docstring for what each argument takes."""
-    if out is not None and Path(out).exists():
-        raise UserError(f"{out} already exists; choose a new output path (nothing is overwritten)")
+    if out is not None:
+        check_output_path(out)
     settings = _options(options, out)
     search_config = search_config_of(settings)
-    if not settings.search:
-        unlearning.get_method(settings.method)  # unknown names fail before any loading
+    settings.check()  # unknown methods and bad values fail before any loading
     model_path, version, removed = _resolve_model(model)
     dataset, forget_set, data_label = _data(train, retain, forget, test, data_name, settings.seed)
     if removed:
@@ -92,7 +92,7 @@ def forget(
         dataset = dataclasses.replace(dataset, train=dataset.train.where(~gone))
     net = model if isinstance(model, nn.Module) else unlearning.load_model(model_path)
     _describe(net, dataset, factory, factory_kwargs, normalize)
-    with tempfile.TemporaryDirectory(prefix="amnesis-api-") as scratch:
+    with tempdirs.scratch("api") as scratch:
         if settings.track and model_path is None:  # the lineage's original, registered from a checkpoint
             model_path = str(Path(scratch) / "original")
             unlearning.save_model(net, model_path)
@@ -124,12 +124,9 @@ def _resolve_model(model) -> tuple[str | None, dict | None, list[int]]:
     if not isinstance(model, (str, os.PathLike)):
         raise UserError(f"model must be an nn.Module, a checkpoint directory or models:/NAME@ALIAS, "
                         f"not {type(model).__name__}")
-    if not str(model).startswith("models:/"):
-        return str(model), None, []
-    from pipelines.tracking import lineage_removed_ids, resolve_model
+    from pipelines.lineage import resolve_with_removed
 
-    path, version = resolve_model(str(model))
-    return path, version, lineage_removed_ids(version["name"], version["version"])
+    return resolve_with_removed(str(model))
 
 
 def _describe(model: nn.Module, dataset: Dataset, factory, factory_kwargs, normalize) -> None:

@@ -15,9 +15,10 @@ from datetime import datetime
 from pathlib import Path
 
 from pipelines.distributed import build_importance_store
+from pipelines.options import ForgetOptions
 from pipelines.progress import StepProgress
 from pipelines.report import RequestReport
-from pipelines.request import ForgetOptions, run_forget
+from pipelines.request import run_forget
 from pipelines.summary import print_report
 from pipelines.tracking import tracking_uri
 from pipelines.train import store_summary, train_checkpoint

@@ -26,8 +26,10 @@ Exactly once. `process` runs in three steps, each safe to interrupt:
 3. finish (one transaction): the batch and its requests become `done` with the new version.
 
 A batch that cannot be done (a UserError while processing it, e.g. its ids cover the whole
-training set) fails: it and its requests become `failed` with the reason, and the next run
-goes on with the requests that came after. A mistake in the job's command fails no request:
+training set, or a method that changed no weight) fails: it and its requests become `failed`
+with the reason, and the next run goes on with the requests that came after. So does a batch
+whose version missed its forget-accuracy target (registered, tagged `target_met=false`,
+`@current` not moved), unless the job runs with --accept-unmet. A mistake in the job's command fails no request:
 the data, method, search and importance store are checked before anything is claimed, and
 a missing starting model leaves the claimed batch open for the next run to resume.
 Requests whose ids are not in the data are `rejected` with the reason; ids removed by an
@@ -327,6 +329,11 @@ class Busy(UserError):
 
 class BatchFailed(UserError):
     """The claimed batch could not be done; it and its requests are marked `failed`."""
+
+
+class TargetNotMet(BatchFailed):
+    """The batch's version missed its forget-accuracy target: it is registered, `@current`
+    stays, and the batch and its requests are marked `failed` (`process` exits 3)."""
 
 
 @dataclass

@@ -8,7 +8,7 @@ import logging
 from datetime import datetime
 from pathlib import Path
 
-from pipelines.ledger import BatchFailed, Claim, Ledger
+from pipelines.ledger import BatchFailed, Claim, Ledger, TargetNotMet
 from unlearning.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -26,11 +26,14 @@ def process_pending(
     """Process every pending request in one batch; returns a summary.
 
     Raises BatchFailed (after marking the batch and its requests `failed`) if the batch
-    cannot be done. `fault_point(step)` is called after each step ("claimed", "unlearning",
-    "logged", "registered", "finished"); tests pass one that stops the process there to kill it.
+    cannot be done, TargetNotMet (likewise) if its version missed its forget-accuracy target
+    and `options.accept_unmet` is off. `fault_point(step)` is called after each step
+    ("claimed", "unlearning", the request's "written", "run_created", "version_registered",
+    "recorded", then "registered", "finished"); tests pass one that stops the process there.
     """
-    from pipelines.request import ForgetOptions
-    from pipelines.tracking import find_batch_version, register_alias
+    from pipelines.lineage import find_batch_version
+    from pipelines.options import ForgetOptions
+    from pipelines.summary import target_line
 
     pause_point = fault_point or (lambda step: None)
     options = options or ForgetOptions()
@@ -51,7 +54,7 @@ def process_pending(
             skipped = job.select_ids(known_ids)
             if skipped is not None:
                 return skipped
-            version, parent, run_id = job.unlearn(options, fault_point)
+            report = job.unlearn(options, fault_point)
         except UserError as error:
             if find_batch_version(model_name, tag) is not None:
                 raise  # registered after all: the next run adopts it
@@ -59,16 +62,40 @@ def process_pending(
             failed = ledger.fail(claim.batch_id, reason)
             raise BatchFailed(f"batch {claim.batch_id} failed; requests {', '.join(map(str, failed))} "
                               f"marked failed: {reason}") from None
+        entry, unmet = report.mlflow, None if report.target_met else target_line(report)
     else:  # an interrupted run registered it already: adopt it, apply nothing twice
         log.info("batch %d: version %s was registered by an interrupted run; adopted", claim.batch_id,
                  adopted["version"])
-        register_alias(model_name, adopted["version"])
-        version, parent, run_id = adopted["version"], adopted["tags"].get("parent_version", ""), adopted["run_id"]
-    ledger.finish(claim.batch_id, model_name, parent, version, run_id)  # step 3
+        entry, unmet = _adopt(adopted, Path(out_root), claim.batch_id, options.accept_unmet)
+    if unmet is not None and not options.accept_unmet:  # recorded, not done: @current stays
+        failed = ledger.fail(claim.batch_id, unmet)
+        raise TargetNotMet(f"batch {claim.batch_id} failed; requests {', '.join(map(str, failed))} "
+                           f"marked failed: {unmet}")
+    ledger.finish(claim.batch_id, model_name, entry.parent_version, entry.model_version, entry.run_id)  # step 3
     pause_point("finished")
     done = sum(1 for r in ledger.list("done") if r["batch_id"] == claim.batch_id)
     return {"batch": claim.batch_id, "processed": done, "resumed": claim.resumed,
-            "model_version": version, "adopted": adopted is not None}
+            "model_version": entry.model_version, "adopted": adopted is not None, "target_met": unmet is None}
+
+
+def _adopt(recorded: dict, out_root: Path, batch_id: int, accept_unmet: bool):
+    """(MLflow entry, the unmet-target line or None) of the batch's version that an interrupted
+    run registered; what that run left undone (@current, its run, the run directory's
+    report.json, found by the version's request id) is finished."""
+    from pipelines.registration import complete_recorded, read_run
+    from pipelines.summary import target_line
+
+    request_id = recorded["tags"].get("request_id")
+    for out in sorted(out_root.glob(f"batch-{batch_id}*")) if request_id else []:
+        report = read_run(out)
+        if report is not None and report.request_id == request_id:
+            entry = complete_recorded(out, report, recorded, accept_unmet)
+            return entry, None if report.target_met else target_line(report)
+    entry = complete_recorded(None, None, recorded, accept_unmet)  # its run directory is gone
+    if recorded["tags"].get("target_met") != "false":
+        return entry, None
+    return entry, (f"target NOT met (version {entry.model_version} is tagged target_met=false); "
+                   f"@current stays at version {entry.current_version} (--accept-unmet moves it)")
 
 
 def _check_inputs(data_spec: str, options) -> set[int]:
@@ -92,7 +119,7 @@ class _BatchJob:
 
     def __init__(self, ledger: Ledger, claim: Claim, model_name: str, data_spec: str, out_root: Path,
                  initial_model: str | None):
-        from pipelines.tracking import lineage_removed_ids, version_info
+        from pipelines.lineage import lineage_removed_ids, version_info
 
         self.ledger, self.claim, self.model_name, self.data_spec = ledger, claim, model_name, data_spec
         self.out_root, self.wanted = out_root, set()
@@ -126,8 +153,10 @@ class _BatchJob:
         return {"batch": self.claim.batch_id, "processed": len(self.claim.requests) - len(rejected),
                 "rejected": len(rejected), "model_version": version, "message": "nothing left to remove"}
 
-    def unlearn(self, options, fault_point) -> tuple[str, str, str]:
-        """Forget the wanted ids from the base version, registered with the batch's tag."""
+    def unlearn(self, options, fault_point):
+        """Forget the wanted ids from the base version, registered with the batch's tag; the
+        request's report (with its MLflow entry)."""
+        from pipelines.registration import OutputExists
         from pipelines.request import run_forget
 
         pause_point = fault_point or (lambda step: None)
@@ -138,10 +167,11 @@ class _BatchJob:
         options.model_name, options.track = self.model_name, True
         options.batch_tag = self.ledger.batch_tag(batch_id)
         out = self.out_root / f"batch-{batch_id}"
-        if out.exists():  # a previous attempt wrote it but did not register: keep it, write anew
-            out = self.out_root / f"batch-{batch_id}-attempt-{datetime.now().strftime('%H%M%S')}"
         pause_point("unlearning")
-        report = run_forget(self.model_uri, self.data_spec, str(ids_file), str(out), options, fault_point=fault_point)
+        try:  # a previous attempt's unrecorded run directory is adopted (run_forget)
+            report = run_forget(self.model_uri, self.data_spec, str(ids_file), str(out), options, fault_point=fault_point)
+        except OutputExists:  # one made with other settings: kept, and this attempt writes anew
+            out = self.out_root / f"batch-{batch_id}-attempt-{datetime.now().strftime('%H%M%S')}"
+            report = run_forget(self.model_uri, self.data_spec, str(ids_file), str(out), options, fault_point=fault_point)
         pause_point("registered")
-        entry = report.mlflow
-        return entry.model_version, entry.parent_version, entry.run_id
+        return report

@@ -15,6 +15,13 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
 
 # Importances of splits with fewer rows are computed in-process: Ray's start-up (~20 s on a
 # 2-core machine) outweighs what 2 workers save below about this size (implementation-notes).
@@ -66,6 +73,55 @@ def ensure_ray(num_cpus: int | None = None) -> dict:
     return dict(ray.cluster_resources())
 
 
+def fit_off_main_thread(fit: Callable[[], T]) -> T:
+    """`fit()` (a TorchTrainer's or a Tuner's) in a helper thread while the main thread waits,
+    so that Ctrl-C stays a KeyboardInterrupt in the main thread.
+
+    Called from the main thread, Ray Train's `fit` replaces the SIGINT handler with a graceful
+    abort that waits for its controller and then ends the process with status 1 and no message
+    (the handler stays after `fit`); Ray Tune's first waits to save the experiment's state. From
+    another thread they install none. After Ctrl-C the run goes on until the Ray session ends,
+    which the CLI ends at once (`stop_ray`).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return fit()
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = fit()
+        except BaseException as error:  # raised again in the waiting thread
+            outcome["error"] = error
+
+    helper = threading.Thread(target=run, name="ray-fit", daemon=True)
+    helper.start()
+    while helper.is_alive():
+        helper.join(0.2)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+def stop_ray() -> None:
+    """End this process's Ray session now, if it has one (after Ctrl-C: not at interpreter exit).
+
+    A local cluster the process started stops with all its processes; on a cluster it joined,
+    the tasks and actors of this driver end. A second Ctrl-C meanwhile ends the process at once
+    (a local cluster's processes die with it) rather than interrupting the shutdown.
+    """
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return
+    if threading.current_thread() is not threading.main_thread():
+        ray.shutdown()
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_DFL)
+    try:
+        ray.shutdown()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def data_settings() -> None:
     """Ray Data in this process: blocks, and Parquet read tasks, of about DATA_BLOCK_BYTES.
 
@@ -106,19 +162,30 @@ def resolve_workers(requested: int | None, cluster: dict) -> int:
     return requested
 
 
-def run_storage(prefix: str) -> tuple[str, bool]:
+def check_workers(requested: int | None) -> None:
+    """Refuse a worker count the cluster can never hold before Ray starts, when the cluster is
+    the local one a command starts itself (no RAY_ADDRESS): its CPUs and GPUs are this machine's."""
+    if requested is None or os.environ.get("RAY_ADDRESS"):
+        return
+    import torch
+
+    resolve_workers(requested, {"CPU": available_cpus(), "GPU": torch.cuda.device_count()})
+
+
+def run_storage(what: str) -> tuple[str, bool]:
     """(storage path for a Ray Train or Tune run, whether it is a temporary directory to delete).
 
     `AMNESIS_RAY_STORAGE` (or `--storage`) names a directory every node can reach, a shared
     file system or an object-store URI such as s3://bucket/amnesis, as Ray requires on
-    multi-node clusters; without it, a temporary local directory does for a one-node cluster.
+    multi-node clusters; without it, a scratch directory (`amnesis-<pid>-<what>-...`,
+    unlearning.tempdirs) does for a one-node cluster.
     """
-    import tempfile
+    from unlearning.tempdirs import new_scratch
 
     configured = os.environ.get(STORAGE_ENV)
     if configured:
         return configured, False
-    return tempfile.mkdtemp(prefix=prefix), True
+    return str(new_scratch(what)), True
 
 
 def set_storage(path: str | None) -> None:

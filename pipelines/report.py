@@ -40,6 +40,8 @@ class MlflowEntry:
     model_name: str
     parent_version: str
     model_version: str | None = None
+    current_version: str | None = None  # where @current pointed once the request was recorded
+    adopted: bool = False  # recorded by a rerun, from the run directory an interrupted run wrote
 
 
 @dataclass
@@ -63,6 +65,9 @@ class RequestReport:
     has_plots: bool = False
     passes_on_ray: list[dict] = field(default_factory=list)  # outcome passes on Ray: rows, workers, seconds
     method_on_ray: dict | None = None  # a method with its own loop run as a Ray task: device, threads, seconds
+    target: float | None = None  # the forget-accuracy target: what retraining would give (docs/methods.md)
+    target_met: bool | None = None  # forget accuracy <= target; if not, @current stays (unless --accept-unmet)
+    request_id: str | None = None  # names the run directory, its MLflow run and version (a rerun adopts by it)
 
     @property
     def reached(self) -> bool:

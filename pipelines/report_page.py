@@ -138,6 +138,9 @@ def page_lines(report: RequestReport) -> list[str]:
         f"# Deletion request: forget `{forget.spec}`",
         "",
         f"- method: **{report.method}** ({params})",
+        *([f"- target: forget accuracy <= {100 * report.target:.1f}%: "
+           f"{'met' if report.target_met else '**NOT met**'} ({100 * report.metrics['forget_acc']:.1f}%)"]
+          if report.target is not None else []),
         f"- forget set: {forget.size} samples ({100 * forget.forget_fraction:.2f}% of the training data), "
         f"manifest {forget.manifest_hash}",
         f"- data: `{report.data['spec']}` ({report.data['fingerprint']}); importance mode {report.importance.mode}",

@@ -2,18 +2,22 @@
 
     run_forget -> prepare_request (model, data, forget set, UnlearningTask)
                -> the method, or a search on Ray Tune (pipelines.search)
-               -> build_report (RequestReport) -> write_run (checkpoint, report.json,
-                  forget_ids.txt, report.md; MLflow inside, before the directory appears)
+               -> check_changed (a model the method did not change goes no further)
+               -> build_report (RequestReport, with the target and whether it was met)
+               -> write_run (checkpoint, report.json, forget_ids.txt, report.md)
+               -> record_run (MLflow and the registry, last: pipelines.registration)
 
-The run directory (docs/requests.md) appears atomically and never replaces an existing path.
-The smaller functions here (`build_task`, `run_method_timed`, `poison_outcome`,
-`parse_param`) are the request API the CLI, the ledger and the benchmarks share.
+The run directory (docs/requests.md) appears atomically and never replaces an existing path,
+except that a rerun adopts the unrecorded run directory of the same request (adopt_run).
+The smaller functions here (`build_task`, `run_method_timed`, `poison_outcome`) are the request API the CLI, the ledger and the benchmarks share.
 """
 
 from __future__ import annotations
 
-import json
+import errno
+import logging
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -21,71 +25,30 @@ from pathlib import Path
 import torch
 
 import unlearning
-from pipelines.ray_session import DEFAULT_RAY_MIN_ROWS
+from pipelines.lineage import resolve_with_removed
+from pipelines.options import ForgetOptions
+from pipelines.registration import (
+    OutputExists,
+    complete_recorded,
+    lineage_root,
+    record_run,
+    registered_name,
+    unrecorded_run,
+)
 from pipelines.report import ForgetSummary, ImportanceSummary, RequestReport
-from unlearning.checkpoint import atomic_directory, model_meta, write_json, write_model_files
+from unlearning.checkpoint import model_meta, write_model_files
 from unlearning.data import Dataset, ForgetSet, open_dataset, split_forget
 from unlearning.errors import UserError
 from unlearning.evaluation import evaluate_model, evaluate_models
 from unlearning.methods import MethodOutput, UnlearningTask
 from unlearning.metrics import healed_fraction
-from unlearning.models import arch_label
+from unlearning.outputs import atomic_directory, check_output_path, write_json
 from unlearning.training import TrainConfig
 
+log = logging.getLogger(__name__)
+
 FaultPoint = Callable[[str], None]  # called with a step's name; tests kill the process there
-DEFAULT_METHOD = "ptn"
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def check_device(name: str | None) -> str:
-    """A torch device for in-process work (`cpu`, `cuda`, `cuda:1`); None = the default one."""
-    if name is None:
-        return default_device()
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine")
-    return str(device)
-
-
-@dataclass
-class ForgetOptions:
-    """How to process a request (the CLI's `forget`/`search` options)."""
-
-    method: str = DEFAULT_METHOD
-    params: dict = field(default_factory=dict)
-    importance_store: str | None = None
-    mode: str = "per_sample"
-    batch_size: int = 64
-    seed: int = 0
-    device: str = field(default_factory=default_device)
-    rho: float | None = None
-    search: str | None = None  # a tune_configs/*.yaml file: search on Ray Tune instead
-    compare_retrain: bool = False  # also retrain from scratch and report it alongside
-    zrf: bool = False  # also report ZRF against a randomly initialised model of the same architecture
-    plots: bool = True  # report.md and PNGs in the run directory
-    batch_tag: str | None = None  # the ledger batch this request belongs to (a registry tag)
-    track: bool = True  # record the request in MLflow
-    model_name: str | None = None  # registered model name (default: <arch>-<data set>)
-    workers: int | None = None  # Ray workers for a large split's importance (None: 2, or what fits)
-    ray_min_rows: int | None = DEFAULT_RAY_MIN_ROWS  # splits this large go to Ray; None: never
-    show_progress: bool = True  # progress bars of importance runs on Ray
-
-
-def parse_param(text: str) -> tuple[str, object]:
-    """`KEY=VALUE` -> (key, value), the value read as JSON if it is JSON, else as a string."""
-    if "=" not in text:
-        raise UserError(f"a method parameter takes KEY=VALUE, got {text!r}")
-    key, value = text.split("=", 1)
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
+TARGET_TOLERANCE = 1e-9  # forget accuracy <= target, up to float rounding
 
 
 @dataclass
@@ -128,8 +91,7 @@ def prepare_request(
     removed_before: list[int] | None = None,
 ) -> PreparedRequest:
     """Load everything a request needs. Rows removed by earlier requests are dropped first."""
-    if not options.search:
-        unlearning.get_method(options.method)  # unknown names fail before any loading
+    options.check()  # unknown methods and bad values fail before any loading
     model = unlearning.load_model(model_path)
     dataset = open_dataset(data_spec)  # ids and labels only: rows stay in their files
     if removed_before:
@@ -225,6 +187,7 @@ def build_report(
     )
     if "attack_success_rate" in metrics:
         metrics.update(poison_outcome(original_metrics, metrics))
+    target = float(output.params["target"] if output.params.get("target") is not None else task.search_target())
     return RequestReport(
         method=method, params=output.params, details=output.details,
         metrics=metrics, original_metrics=original_metrics,
@@ -238,7 +201,24 @@ def build_report(
         parent_fingerprint=model_meta(task.model).get("parent_fingerprint"),
         passes_on_ray=_ray_runs(task.executor, "outcomes"),
         method_on_ray=(_ray_runs(task.executor, "method") or [None])[-1],
+        target=target, target_met=metrics["forget_acc"] <= target + TARGET_TOLERANCE,
     )
+
+
+def check_changed(original: torch.nn.Module, output: MethodOutput, method: str) -> None:
+    """UserError if the method left every weight as it was: such a model is never written,
+    registered or counted as having forgotten anything."""
+    if unlearning.model_fingerprint(output.model) != unlearning.model_fingerprint(original):
+        return
+    numbers = {k: v for k, v in output.params.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    settings = ", ".join(f"{k}={v:.4g}" for k, v in numbers.items())
+    if "target" in output.params:  # a search: even its most aggressive step dampened nothing
+        hint = "the forget set's importances are zero, the model is saturated on it; a method that trains, e.g. jit, changes it"
+    elif "alpha" in output.params:
+        hint = "a smaller --alpha dampens more; the default method ptn searches for one"
+    else:
+        hint = "stronger settings, or the default method ptn, may change it"
+    raise UserError(f"{method} ({settings}) changed no weight of the model; nothing was written or registered ({hint})")
 
 
 def _ray_runs(executor, which: str) -> list[dict]:
@@ -252,7 +232,7 @@ def write_run(out: str | Path, model: torch.nn.Module, report: RequestReport, fo
     """The run directory: checkpoint + report.json + forget_ids.txt, all or nothing.
 
     `before_publish(staging)` runs with the files in place but not yet visible at `out` (the
-    report page and the MLflow logging); if it fails, nothing appears.
+    report page); if it fails, nothing appears. A full disk is a one-line UserError.
     """
     parent = model_meta(model)
     extra = {
@@ -264,13 +244,24 @@ def write_run(out: str | Path, model: torch.nn.Module, report: RequestReport, fo
             "forget_size": report.forget.size,
         },
     }
-    with atomic_directory(out) as staging:
-        report.fingerprint = write_model_files(model.cpu(), staging, extra)
-        (staging / "forget_ids.txt").write_text("".join(f"{i}\n" for i in forget.ids.tolist()))
-        if before_publish is not None:
-            before_publish(staging)
-        write_json(staging / "report.json", report.to_json())
+    try:
+        with atomic_directory(out) as staging:
+            report.fingerprint = write_model_files(model.cpu(), staging, extra)
+            (staging / "forget_ids.txt").write_text("".join(f"{i}\n" for i in forget.ids.tolist()))
+            if before_publish is not None:
+                before_publish(staging)
+            write_json(staging / "report.json", report.to_json())
+    except Exception as error:
+        if not _disk_full(error):
+            raise
+        raise UserError(f"no space left on the device for {out} (the disk is full); "
+                        "nothing was written or registered") from None
     return Path(out)
+
+
+def _disk_full(error: Exception) -> bool:
+    """ENOSPC, as an OSError or as safetensors' own error (which is not an OSError)."""
+    return getattr(error, "errno", None) == errno.ENOSPC or f"(os error {errno.ENOSPC})" in str(error)
 
 
 def run_forget(
@@ -280,13 +271,17 @@ def run_forget(
     """One deletion request: returns the report written to `out/report.json`.
 
     `model_uri` is a checkpoint directory or `models:/NAME@current` (the registry's newest
-    version, so that requests chain). `fault_point(step)` is called after the MLflow logging
-    ("logged"); tests kill the process there.
+    version, so that requests chain). If `out` holds this request's complete run directory
+    that was never recorded in MLflow (a killed run wrote it), it is adopted, not recomputed.
+    `fault_point(step)` is called after each step of registration (pipelines.registration);
+    tests kill the process there.
     """
-    if Path(out).exists():
-        raise UserError(f"{out} already exists; choose a new output path (nothing is overwritten)")
+    earlier = unrecorded_run(out, options.track)
+    if earlier is not None:
+        return adopt_run(earlier, model_uri, data_spec, forget_spec, Path(out), options, fault_point)
+    check_output_path(out)
     search_config = search_config_of(options)
-    model_path, version, removed_before = _resolve(model_uri)
+    model_path, version, removed_before = resolve_with_removed(model_uri)
     prepared = prepare_request(model_path, data_spec, forget_spec, options, removed_before)
     try:
         report, _ = run_prepared(prepared, model_path, version, data_spec, out, options, search_config,
@@ -300,7 +295,8 @@ def run_prepared(prepared: PreparedRequest, model_path: str | None, version: dic
                  out: str | None,
                  options: ForgetOptions, search_config, removed_before: int = 0, progress=None,
                  fault_point: FaultPoint | None = None) -> tuple[RequestReport, torch.nn.Module]:
-    """Unlearn, evaluate, write the run directory at `out` (MLflow inside); (report, new model).
+    """Unlearn, evaluate, write the run directory at `out`, then record it in MLflow; (report,
+    new model).
 
     `model_path` is the starting model's checkpoint (registered as the lineage's original if
     the registry does not know it yet). `out=None` writes nothing (and then `options.track`
@@ -308,8 +304,14 @@ def run_prepared(prepared: PreparedRequest, model_path: str | None, version: dic
     if out is None and (options.track or options.plots):
         raise ValueError("a request tracked in MLflow or with a report page needs a run directory")
     prepared.task.progress = progress
+    if options.track:  # a name holding another model's lineage is refused before the work
+        from pipelines.lineage import check_lineage
+
+        check_lineage(registered_name(prepared, version, options), lineage_root(prepared.model))
     method, output, seconds, trials = _unlearn(prepared, options, search_config, progress)
+    check_changed(prepared.model, output, method)
     report = build_report(prepared, method, output, seconds, data_spec, removed_before, options.zrf)
+    report.request_id = uuid.uuid4().hex
     if options.compare_retrain:
         retrained, retrain_seconds = run_method_timed(prepared.task, "retrain", {})
         task = prepared.task
@@ -317,35 +319,54 @@ def run_prepared(prepared: PreparedRequest, model_path: str | None, version: dic
             retrained.model.to(task.device), prepared.dataset, prepared.forget, task.normalize, executor=task.executor
         )
         report.retrain_seconds = retrain_seconds["unlearn"]
-    name = None
-    if options.track:
-        meta = model_meta(prepared.model)
-        name = (version or {}).get("name") or options.model_name or f"{arch_label(meta['arch'])}-{prepared.dataset.name}"
-
-    def publish(staging: Path) -> None:
-        files = []
-        if options.plots:
-            from pipelines.report_page import write_report_files
-
-            files = write_report_files(prepared.task, report, prepared.dataset.class_names, staging)
-            report.has_plots = True
-        if options.track:
-            from pipelines.mlflow_model import example_rows
-            from pipelines.tracking import log_request
-
-            report.mlflow = log_request(
-                report, staging, name, model_path, unlearning.model_fingerprint(prepared.model), trials, files,
-                extra_tags={"batch_id": options.batch_tag} if options.batch_tag else None,
-                input_example=example_rows(prepared.dataset.test, prepared.task.normalize),
-            )
-            if fault_point is not None:
-                fault_point("logged")  # registered in MLflow, run directory not yet in place
-
     if out is None:  # the Python API without a run directory: nothing to publish or record
         report.fingerprint = unlearning.model_fingerprint(output.model)
-    else:
-        write_run(out, output.model, report, prepared.forget, publish)
+        return report, output.model
+
+    def plots(staging: Path) -> None:
+        from pipelines.report_page import write_report_files
+
+        write_report_files(prepared.task, report, prepared.dataset.class_names, staging)
+        report.has_plots = True
+
+    write_run(out, output.model, report, prepared.forget, plots if options.plots else None)
+    if fault_point is not None:
+        fault_point("written")  # the run directory is in place; nothing in MLflow yet
+    if options.track:
+        record_run(Path(out), report, prepared, model_path, version, options, trials, fault_point)
     return report, output.model
+
+
+def adopt_run(earlier: RequestReport, model_uri: str, data_spec: str, forget_spec: str, out: Path,
+              options: ForgetOptions, fault_point: FaultPoint | None = None) -> RequestReport:
+    """Record the run directory an interrupted run of this same request wrote at `out`.
+
+    The same request: the same method, forget spec and data, and (checked on the loaded inputs
+    unless a version of it is registered already) the same starting model and forget manifest.
+    A version tagged with its request id is adopted; otherwise the directory's model is
+    registered. Nothing is recomputed; anything else at `out` is refused (OutputExists)."""
+    from pipelines.lineage import find_request_version
+
+    method = search_config_of(options).search if options.search else options.method
+    if (earlier.method, earlier.forget.spec, earlier.data.get("spec")) != (method, forget_spec, data_spec):
+        raise OutputExists(out)
+    recorded = find_request_version(earlier.request_id)
+    if recorded is not None:  # killed after registering: finish what that run did not
+        log.info("%s: version %s of %s was registered for this request; adopted", out, recorded["version"],
+                 recorded["name"])
+        complete_recorded(out, earlier, recorded, options.accept_unmet)
+        return earlier
+    model_path, version, removed_before = resolve_with_removed(model_uri)
+    prepared = prepare_request(model_path, data_spec, forget_spec, options, removed_before)
+    try:
+        starting = model_meta(prepared.model).get("parent_fingerprint")
+        if (starting, prepared.forget.manifest_hash()) != (earlier.parent_fingerprint, earlier.forget.manifest_hash):
+            raise OutputExists(out)
+        log.info("%s: written for this request but not recorded; recording it", out)
+        record_run(out, earlier, prepared, model_path, version, options, None, fault_point, adopted=True)
+    finally:
+        prepared.task.executor.close()
+    return earlier
 
 
 def search_config_of(options: ForgetOptions):
@@ -354,16 +375,6 @@ def search_config_of(options: ForgetOptions):
     from pipelines.search import load_search_config
 
     return load_search_config(options.search)
-
-
-def _resolve(model_uri: str) -> tuple[str, dict | None, list[int]]:
-    """(checkpoint path, registry version or None, ids removed on the way to that version)."""
-    if not str(model_uri).startswith("models:/"):
-        return model_uri, None, []
-    from pipelines.tracking import lineage_removed_ids, resolve_model
-
-    model_path, version = resolve_model(model_uri)
-    return model_path, version, lineage_removed_ids(version["name"], version["version"])
 
 
 def _unlearn(prepared: PreparedRequest, options: ForgetOptions, search_config, progress):

@@ -29,7 +29,7 @@ import torch
 
 from pipelines.distributed.driver import check_first_row, cpu_model
 from pipelines.distributed.rows import RaySplit
-from pipelines.ray_session import ensure_ray, run_storage
+from pipelines.ray_session import ensure_ray, fit_off_main_thread, run_storage
 from unlearning.data.rows import is_lazy
 from unlearning.errors import UserError
 from unlearning.methods import MethodOutput, UnlearningTask
@@ -155,14 +155,14 @@ def _run_tuner(trainable, tune_config, name: str, resources: dict):
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     from ray import tune
 
-    storage, temporary = run_storage("amnesis-tune-")
+    storage, temporary = run_storage("tune")
     try:
         tuner = tune.Tuner(
             tune.with_resources(trainable, resources),
             tune_config=tune_config,
             run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0),
         )
-        results = tuner.fit()
+        results = fit_off_main_thread(tuner.fit)  # Ctrl-C stays a KeyboardInterrupt (ray_session)
         rows = []
         for result in results:
             if result.error:

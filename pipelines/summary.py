@@ -50,10 +50,30 @@ def print_report(report: RequestReport, out: str) -> None:
         print(f"evaluation: {len(report.passes_on_ray)} passes over {rows} rows ran on Ray, {seconds:.1f} s")
     if not report.reached:
         print("warning: the search did not reach its target; the most aggressive step was used")
+    if report.target is not None:
+        print(target_line(report))
     if report.mlflow is not None:
         entry = report.mlflow
-        print(f"MLflow: run {entry.run_id}, model {entry.model_name} version {entry.model_version} (@current)")
+        if entry.adopted:
+            print(f"adopted {out}, written by an interrupted run of this request: recorded, not recomputed")
+        current = " (@current)" if entry.current_version == entry.model_version else ""
+        print(f"MLflow: run {entry.run_id}, model {entry.model_name} version {entry.model_version}{current}")
     print(f"-> {out}" + (" (report.md with plots inside)" if report.has_plots else ""))
+
+
+def target_line(report: RequestReport) -> str:
+    """The forget-accuracy target, met or plainly NOT met, and where `@current` is."""
+    accuracy, target = 100 * report.metrics["forget_acc"], 100 * report.target
+    if report.target_met:
+        return f"target met: forget accuracy {accuracy:.1f} % <= target {target:.1f} %"
+    line = f"target NOT met: forget accuracy {accuracy:.1f} % > target {target:.1f} %"
+    entry = report.mlflow
+    if entry is None:
+        return line + "; not registered"
+    if entry.current_version == entry.model_version:
+        return line + f"; registered as version {entry.model_version}, @current moved to it (--accept-unmet)"
+    stays = f"stays at version {entry.current_version}" if entry.current_version else "does not point to it"
+    return line + f"; registered as version {entry.model_version} but @current {stays} (--accept-unmet moves it)"
 
 
 def report_rows(report: RequestReport, unlearned: str, retrained: str) -> list[tuple[str, dict, float | None]]:

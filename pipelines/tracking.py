@@ -12,9 +12,11 @@ trials as nested runs, the checkpoint (`checkpoint/`), `forget_ids.txt` and the 
 Registry layout: every version is an MLflow model (pipelines.mlflow_model) logged in the run
 that made it, whose `checkpoint/` artifact is what the project loads. The original model is
 registered once (tag `role=original`); every request adds a version whose tags name its
-`parent_version`, the request's run, the forget-set manifest hash and size; the alias
-`@current` moves to the newest version, so the next request can start from
-`models:/NAME@current`.
+`parent_version`, the request's run and id, the forget-set manifest hash and size, and
+whether it met its forget-accuracy target (`target_met`); the alias `@current` moves to
+each new version that met it (or that --accept-unmet accepts), so the next request can
+start from `models:/NAME@current`. The request is logged from its written run directory,
+last (pipelines.registration).
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -33,6 +35,8 @@ import numpy as np
 from pipelines.mlflow_model import log_checkpoint_model
 from pipelines.report import MlflowEntry, RequestReport
 from unlearning.checkpoint import MODEL_META, MODEL_WEIGHTS
+from unlearning.errors import UserError
+from unlearning.tempdirs import new_scratch
 
 EXPERIMENT = "amnesis"
 CURRENT_ALIAS = "current"
@@ -61,6 +65,33 @@ def _client():
     return MlflowClient()
 
 
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+
+def check_model_name(name: str) -> str:
+    """`name` if it can name a registered model here, else a UserError (it goes into MLflow
+    filter strings and URIs, so quotes, slashes, '@' and spaces are refused)."""
+    if not isinstance(name, str) or not _MODEL_NAME.match(name):
+        raise UserError(f"--model-name {name!r}: use 1 to 100 letters, digits, '.', '_' or '-', "
+                        "starting with a letter or digit")
+    return name
+
+
+def check_store() -> None:
+    """Open the MLflow store at tracking_uri() (tracking and registry), or a one-line UserError:
+    a corrupt or foreign store is refused before any work, not after it. A SQLite store that
+    does not exist yet is left alone (the first request creates it; nothing to check)."""
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        return
+    try:
+        client = _client()
+        client.search_experiments(max_results=1)
+        client.search_registered_models(max_results=1)
+    except Exception as error:  # MlflowException, SQLAlchemy's errors, unknown schemes
+        raise UserError(f"the MLflow store {tracking_uri()} cannot be opened: {_first_line(error)}") from None
+
+
 def is_registry_uri(text: str) -> bool:
     return str(text).startswith("models:/")
 
@@ -69,12 +100,11 @@ def resolve_model(uri: str) -> tuple[str, dict | None]:
     """A local checkpoint path for `uri` (a path, or models:/NAME@ALIAS / models:/NAME/VERSION).
 
     Returns (path, version info); the version's `checkpoint/` (safetensors, never the pickle-free
-    but foreign MLflow model) is downloaded from its run to a temporary folder.
+    but foreign MLflow model) is downloaded from its run to a scratch directory that lasts until
+    this process exits (unlearning.tempdirs).
     """
     if not is_registry_uri(uri):
         return uri, None
-    from unlearning.errors import UserError
-
     mlflow = _mlflow()
     client = _client()
     name, _, ref = uri[len("models:/") :].partition("@")
@@ -86,8 +116,8 @@ def resolve_model(uri: str) -> tuple[str, dict | None]:
             version = client.get_model_version(name, number)
     except Exception as error:  # MlflowException for unknown names/aliases
         raise UserError(f"{uri} is not in the model registry at {tracking_uri()}: {_first_line(error)}") from None
-    target = tempfile.mkdtemp(prefix="amnesis-model-")
-    path = mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path="checkpoint", dst_path=target)
+    target = new_scratch("model")  # read until the request ends: removed when this process exits
+    path = mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path="checkpoint", dst_path=str(target))
     return path, {"name": version.name, "version": str(version.version), "tags": dict(version.tags)}
 
 
@@ -119,18 +149,32 @@ def _register_original(mlflow, client, name: str, checkpoint: str, fingerprint: 
     with mlflow.start_run(run_name="original-model") as run:
         mlflow.set_tag("amnesis.role", "original")
         tags = {"role": "original", "fingerprint": fingerprint, "parent_version": ""}
-        return _register_version(mlflow, client, name, Path(checkpoint), input_example, run.info.run_id, tags)
+        version = _register_version(mlflow, client, name, Path(checkpoint), input_example, run.info.run_id, tags)
+    client.set_registered_model_alias(name, CURRENT_ALIAS, version.version)
+    return version
+
+
+def _parent(mlflow, client, name: str, parent_version: str | None, checkpoint: str, fingerprint: str,
+            input_example: np.ndarray):
+    """The version a request started from: the one it was loaded as (models:/NAME/V or @ALIAS),
+    else the version with the starting model's fingerprint, else that model as the original.
+
+    By version first: two versions may share a fingerprint (a request that changed nothing
+    recorded by an older release), and the first of them is not necessarily the parent."""
+    if parent_version is not None:
+        return client.get_model_version(name, parent_version)
+    return _register_original(mlflow, client, name, checkpoint, fingerprint, input_example)
 
 
 def _register_version(mlflow, client, name: str, checkpoint: Path, input_example: np.ndarray, run_id: str,
                       tags: dict):
     """Inside the run `run_id`: the checkpoint files as `checkpoint/`, the same model as an
-    MLflow model, and a registered version of it with `tags`; `@current` moves to it.
+    MLflow model, and a registered version of it with `tags` (`@current` is the caller's).
 
     The version is created with its tags in one call (a ledger batch's version is found by its
     `batch_id` tag, so a version must never exist without it).
     """
-    staging = Path(tempfile.mkdtemp(prefix="amnesis-log-"))
+    staging = new_scratch("log")
     try:
         for file in (MODEL_WEIGHTS, MODEL_META):  # only the checkpoint, not a run directory's other files
             shutil.copy2(checkpoint / file, staging / file)
@@ -138,10 +182,8 @@ def _register_version(mlflow, client, name: str, checkpoint: Path, input_example
         model = log_checkpoint_model(staging, input_example)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    version = client.create_model_version(name, source=model.model_uri, run_id=run_id, tags=tags,
-                                          model_id=model.model_id)
-    client.set_registered_model_alias(name, CURRENT_ALIAS, version.version)
-    return version
+    return client.create_model_version(name, source=model.model_uri, run_id=run_id, tags=tags,
+                                       model_id=model.model_id)
 
 
 def flat_params(report: RequestReport) -> dict:
@@ -157,6 +199,7 @@ def flat_params(report: RequestReport) -> dict:
         "forget_fraction": forget.forget_fraction,
         "seed": report.seed,
         "data_fingerprint": report.data["fingerprint"],
+        "target": report.target,
         **report.params,
     }
     path = report.details.get("path", [])
@@ -174,6 +217,8 @@ def flat_metrics(report: RequestReport) -> dict:
                 metrics[f"{prefix}{key}"] = float(value)
     for key, value in report.seconds.items():
         metrics[f"seconds_{key}"] = float(value)
+    if report.target_met is not None:
+        metrics["target_met"] = float(report.target_met)
     return metrics
 
 
@@ -188,19 +233,31 @@ def log_request(
     extra_tags: dict | None = None,
     *,
     input_example: np.ndarray,
+    parent_version: str | None = None,
+    move_current: bool = True,
+    fault_point=None,
 ) -> MlflowEntry:
-    """Log one finished request and register its model; returns where it is recorded.
+    """Log one finished request (its written run directory `run_dir`) and register its model;
+    returns where it is recorded.
 
     `input_example`: a few rows as the model takes them (pipelines.mlflow_model.example_rows),
-    the registered MLflow models' input example.
+    the registered MLflow models' input example. `parent_version`: the version the request
+    started from, if it was loaded from the registry. `@current` moves to the new version only
+    if `move_current`. `fault_point(step)` is called once the run exists ("run_created") and
+    once the version does ("version_registered"), see pipelines.registration.
     """
+    pause = fault_point or (lambda step: None)
     mlflow = _mlflow()
     client = _client()
-    mlflow.set_experiment(EXPERIMENT)
+    experiment = mlflow.set_experiment(EXPERIMENT)
     _ensure_registered(client, model_name)
-    parent = _register_original(mlflow, client, model_name, parent_checkpoint, parent_fingerprint, input_example)
+    parent = _parent(mlflow, client, model_name, parent_version, parent_checkpoint, parent_fingerprint, input_example)
+    _end_interrupted_runs(client, experiment.experiment_id, report.request_id)
     with mlflow.start_run(run_name=f"forget {report.forget.spec} ({report.method})") as run:
-        mlflow.set_tags({"amnesis.role": "request", "amnesis.parent_version": str(parent.version)})
+        mlflow.set_tags({"amnesis.role": "request", "amnesis.parent_version": str(parent.version),
+                         "amnesis.request_id": report.request_id or "",
+                         "amnesis.target_met": _flag(report.target_met)})
+        pause("run_created")
         mlflow.log_params(flat_params(report))
         mlflow.log_metrics(flat_metrics(report))
         _log_inputs(mlflow, report)
@@ -216,8 +273,60 @@ def log_request(
         tags = {**version_tags(report, entry), **(extra_tags or {})}
         version = _register_version(mlflow, client, model_name, Path(run_dir), input_example, run.info.run_id, tags)
         entry.model_version = str(version.version)
-        mlflow.log_text(json.dumps({**report.to_json(), "mlflow": asdict(entry)}, indent=2), "report.json")
+        pause("version_registered")
+        if move_current:
+            client.set_registered_model_alias(model_name, CURRENT_ALIAS, version.version)
+        entry.current_version = _current_version(client, model_name)
+        mlflow.log_text(_report_text(report, entry), "report.json")
     return entry
+
+
+def _flag(value: bool | None) -> str:
+    return "" if value is None else str(bool(value)).lower()
+
+
+def _report_text(report: RequestReport, entry: MlflowEntry) -> str:
+    return json.dumps({**report.to_json(), "mlflow": asdict(entry)}, indent=2)
+
+
+def _current_version(client, model_name: str) -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client.get_model_version_by_alias(model_name, CURRENT_ALIAS).version)
+    except MlflowException:
+        return None
+
+
+def _end_interrupted_runs(client, experiment_id: str, request_id: str | None) -> None:
+    """Runs of this request that a kill left RUNNING, before it registered a version, are KILLED."""
+    if not request_id:
+        return
+    query = f"tags.`amnesis.request_id` = '{request_id}' and attributes.status = 'RUNNING'"
+    for run in client.search_runs([experiment_id], filter_string=query):
+        client.set_terminated(run.info.run_id, "KILLED")
+
+
+def finish_request(recorded: dict, report: RequestReport | None, move_current: bool) -> MlflowEntry:
+    """Finish recording a version an interrupted run registered: `@current` moves as that run
+    would have moved it (if it still points to the version's parent), the run ends, and the
+    run gets `report` (the run directory's) as report.json."""
+    client = _client()
+    name, number = recorded["name"], recorded["version"]
+    entry = MlflowEntry(recorded["run_id"], name, recorded["tags"].get("parent_version", ""), number, adopted=True)
+    if move_current and _current_version(client, name) in (None, entry.parent_version):
+        client.set_registered_model_alias(name, CURRENT_ALIAS, number)
+    entry.current_version = _current_version(client, name)
+    if report is not None:
+        client.log_text(entry.run_id, _report_text(report, entry), "report.json")
+    if client.get_run(entry.run_id).info.status == "RUNNING":
+        client.set_terminated(entry.run_id, "FINISHED")
+    return entry
+
+
+def log_report(report: RequestReport) -> None:
+    """The request's run gets `report` (with its MLflow entry) as report.json again."""
+    _client().log_text(report.mlflow.run_id, _report_text(report, report.mlflow), "report.json")
 
 
 def version_tags(report: RequestReport, entry: MlflowEntry) -> dict:
@@ -231,6 +340,8 @@ def version_tags(report: RequestReport, entry: MlflowEntry) -> dict:
         "forget_size": str(report.forget.size),
         "forget_manifest_hash": report.forget.manifest_hash,
         "method": report.method,
+        "request_id": report.request_id or "",
+        "target_met": _flag(report.target_met),
     }
 
 
@@ -278,112 +389,8 @@ def _log_walk(client, run_id: str, path: list[dict]) -> None:
         client.log_batch(run_id, metrics=metrics)
 
 
-def walk_history(model_name: str, version: str) -> list[dict]:
-    """The PTN walk that made `version`, read back from its run's metric history (step order)."""
-    client = _client()
-    run_id = client.get_model_version(model_name, version).run_id
-    steps: dict[int, dict] = {}
-    for name in WALK_KEYS.values():
-        for metric in client.get_metric_history(run_id, f"walk/{name}"):
-            steps.setdefault(metric.step, {"step": metric.step})[name] = metric.value
-    return [steps[index] for index in sorted(steps)]
-
-
 def _log_files(mlflow, run_dir: Path, report_files: list[Path]) -> None:
     """The forget manifest and the report page (the checkpoint goes with the model version)."""
     mlflow.log_artifact(str(run_dir / "forget_ids.txt"))
     for plot in report_files:
         mlflow.log_artifact(str(plot), artifact_path="report")
-
-
-def history(model_name: str) -> list[dict]:
-    """Every version of `model_name`, oldest first, with what each removed."""
-    client = _client()
-    from mlflow.exceptions import MlflowException
-
-    try:
-        versions = client.search_model_versions(f"name = '{model_name}'")
-    except MlflowException as error:
-        from unlearning.errors import UserError
-
-        raise UserError(f"cannot read model {model_name!r} at {tracking_uri()}: {_first_line(error)}") from None
-    try:
-        current = str(client.get_model_version_by_alias(model_name, CURRENT_ALIAS).version)
-    except MlflowException:
-        current = None
-    rows = []
-    for version in sorted(versions, key=lambda v: int(v.version)):
-        tags = dict(version.tags)
-        rows.append(
-            {
-                "version": str(version.version),
-                "current": str(version.version) == current,
-                "role": tags.get("role", ""),
-                "parent_version": tags.get("parent_version", ""),
-                "method": tags.get("method", ""),
-                "forget_spec": tags.get("forget_spec", ""),
-                "forget_size": int(tags.get("forget_size", 0) or 0),
-                "forget_manifest_hash": tags.get("forget_manifest_hash", ""),
-                "run_id": version.run_id,
-            }
-        )
-    return rows
-
-
-def removed_ids(model_name: str, version: str) -> list[int]:
-    """The ids a version's request removed (its forget manifest artifact)."""
-    mlflow = _mlflow()
-    client = _client()
-    run_id = client.get_model_version(model_name, version).run_id
-    target = tempfile.mkdtemp(prefix="amnesis-ids-")
-    try:
-        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="forget_ids.txt", dst_path=target)
-    except Exception:
-        return []
-    return [int(line) for line in Path(path).read_text().split()]
-
-
-def lineage_removed_ids(model_name: str, version: str) -> list[int]:
-    """All ids removed on the way from the original model to `version` (walking parents)."""
-    client = _client()
-    removed: list[int] = []
-    current = str(version)
-    seen = set()
-    while current and current not in seen:
-        seen.add(current)
-        tags = dict(client.get_model_version(model_name, current).tags)
-        if tags.get("role") == "unlearned":
-            removed.extend(removed_ids(model_name, current))
-        current = tags.get("parent_version", "")
-    return sorted(set(removed))
-
-
-def version_info(model_name: str, alias: str = CURRENT_ALIAS) -> dict | None:
-    """The version an alias points to, or None if the model or alias does not exist."""
-    from mlflow.exceptions import MlflowException
-
-    client = _client()
-    try:
-        version = client.get_model_version_by_alias(model_name, alias)
-    except MlflowException:
-        return None
-    return {"version": str(version.version), "tags": dict(version.tags), "run_id": version.run_id}
-
-
-def find_batch_version(model_name: str, batch_tag: str) -> dict | None:
-    """A version already registered for a ledger batch (an interrupted run got that far)."""
-    from mlflow.exceptions import MlflowException
-
-    client = _client()
-    try:
-        versions = client.search_model_versions(f"name = '{model_name}'")
-    except MlflowException:
-        return None
-    for version in versions:
-        if version.tags.get("batch_id") == batch_tag:
-            return {"version": str(version.version), "tags": dict(version.tags), "run_id": version.run_id}
-    return None
-
-
-def register_alias(model_name: str, version: str, alias: str = CURRENT_ALIAS) -> None:
-    _client().set_registered_model_alias(model_name, alias, version)

@@ -30,7 +30,7 @@ def train_checkpoint(
     import torch
     from tqdm import tqdm
 
-    from pipelines.request import default_device
+    from pipelines.options import default_device
     from unlearning.evaluation import evaluate_model
     from unlearning.training import DEFAULT_RECIPES, TrainConfig, train
 

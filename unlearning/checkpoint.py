@@ -1,4 +1,5 @@
-"""Checkpoints and importance stores: safetensors + JSON directories, written atomically.
+"""Checkpoints and importance stores: safetensors + JSON directories, written atomically
+(unlearning.outputs).
 
 Loading never unpickles. A checkpoint's `fingerprint` is a hash of its weights, checked on
 load (a corrupt file is refused) and recorded by importance stores and reports.
@@ -8,10 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from torch import Tensor, nn
 
 from unlearning.errors import UserError
 from unlearning.models import build_model, canonical_arch, logits_of
+from unlearning.outputs import atomic_directory, write_json
 
 MODEL_WEIGHTS, MODEL_META = "model.safetensors", "model.json"
 STORE_WEIGHTS, STORE_META = "importance.safetensors", "importance.json"
@@ -37,29 +37,6 @@ def fingerprint(tensors: dict[str, Tensor]) -> str:
     return digest.hexdigest()[:16]
 
 
-@contextmanager
-def atomic_directory(out: str | os.PathLike):
-    """Yield a temporary sibling directory; rename it to `out` only if the block succeeds.
-
-    `out` must not exist: inputs and earlier outputs are never overwritten.
-    """
-    out = Path(out)
-    if out.exists():
-        raise UserError(f"{out} already exists; choose a new output path (nothing is overwritten)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        yield staging
-        os.rename(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-def write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
 def _read_json(path: Path, what: str) -> dict:
     if not path.is_file():
         raise UserError(f"{path.parent} is not a {what}: {path.name} is missing")
@@ -67,6 +44,47 @@ def _read_json(path: Path, what: str) -> dict:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise UserError(f"{path} is corrupt: {error}") from None
+
+
+def check_model_json(meta, where: Path) -> None:
+    """UserError naming the first field of a checkpoint's model.json that cannot be right."""
+    if not isinstance(meta, dict):
+        raise UserError(f"{where} must hold a JSON object, not a {type(meta).__name__}")
+    for key in ("arch", "num_classes", "input_shape"):
+        if key not in meta:
+            raise UserError(f"{where} lacks {key!r}")
+    if not isinstance(meta["arch"], str) or not meta["arch"]:
+        raise UserError(f"{where}: 'arch' must name a factory (a non-empty string), got {meta['arch']!r}")
+    if not _is_count(meta["num_classes"]):
+        raise UserError(f"{where}: 'num_classes' must be a positive integer, got {meta['num_classes']!r}")
+    shape = meta["input_shape"]
+    if not isinstance(shape, list) or not 1 <= len(shape) <= 4 or not all(map(_is_count, shape)):
+        raise UserError(f"{where}: 'input_shape' must be a list of 1 to 4 positive integers, got {shape!r}")
+    if not isinstance(meta.get("arch_args", {}), dict):
+        raise UserError(f"{where}: 'arch_args' must be a JSON object, got {meta['arch_args']!r}")
+    normalize = meta.get("normalize")
+    if normalize is not None:
+        check_normalize(normalize, shape[0] if len(shape) > 1 else None, where)
+
+
+def check_normalize(normalize, channels: int | None, where) -> None:
+    """`{"mean": [...], "std": [...]}`: finite numbers, std > 0, one per channel."""
+    if not isinstance(normalize, dict) or set(normalize) != {"mean", "std"}:
+        raise UserError(f"{where}: 'normalize' must be an object with 'mean' and 'std', got {normalize!r}")
+    for key in ("mean", "std"):
+        values = normalize[key]
+        if not isinstance(values, list) or not values or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values
+        ):
+            raise UserError(f"{where}: normalize {key} must be a list of finite numbers, got {values!r}")
+        if channels is not None and len(values) not in (1, channels):
+            raise UserError(f"{where}: normalize {key} has {len(values)} values for {channels} input channels")
+    if any(v <= 0 for v in normalize["std"]):
+        raise UserError(f"{where}: normalize std must be > 0, got {normalize['std']}")
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def _read_tensors(path: Path, what: str) -> dict[str, Tensor]:
@@ -101,6 +119,8 @@ def attach_meta(
     arch_args: dict | None = None,
     extra: dict | None = None,
 ) -> nn.Module:
+    if normalize is not None:
+        check_normalize(normalize, input_shape[0] if len(input_shape) > 1 else None, "normalize")
     model.amnesis_meta = {
         "arch": canonical_arch(arch),
         "arch_args": dict(arch_args or {}),
@@ -228,9 +248,7 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     if not path.is_dir():
         raise UserError(f"model checkpoint {path} does not exist or is not a directory")
     meta = _read_json(path / MODEL_META, "model checkpoint")
-    for key in ("arch", "num_classes", "input_shape"):
-        if key not in meta:
-            raise UserError(f"{path / MODEL_META} lacks {key!r}")
+    check_model_json(meta, path / MODEL_META)
     state = _read_tensors(path / MODEL_WEIGHTS, "model checkpoint")
     if meta.get("fingerprint") and fingerprint(state) != meta["fingerprint"]:
         raise UserError(f"{path / MODEL_WEIGHTS} does not match the fingerprint in {MODEL_META}")
@@ -350,33 +368,33 @@ def load_importance(
     meta = _read_json(path / STORE_META, "importance store")
     importance = _read_tensors(path / STORE_WEIGHTS, "importance store")
     _check_finite(importance, path / STORE_WEIGHTS)
+    if not isinstance(meta, dict):
+        raise UserError(f"{path / STORE_META} must hold a JSON object")
     if model is not None:
         expected = meta.get("model_fingerprint")
+        if not expected:
+            raise UserError(f"importance store {path}: {STORE_META} names no model_fingerprint, so nothing says "
+                            "which model it was computed for; rebuild it with `unlearn importance`")
         actual = model_fingerprint(model)
         lineage = model_meta(model).get("lineage_root")
         if expected not in (actual, lineage):
-            raise UserError(
-                f"importance store {path} was computed for model {expected}, "
-                f"not for this model ({actual})"
-            )
+            raise UserError(f"importance store {path} was computed for model {expected}, "
+                            f"not for this model ({actual})")
+        _check_store_tensors(importance, model, path)
     return importance, meta
+
+
+def _check_store_tensors(importance: dict[str, Tensor], model: nn.Module, path: Path) -> None:
+    """One tensor per trainable parameter, of its shape."""
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        if name not in importance:
+            raise UserError(f"importance store {path} is incomplete: no tensor for parameter {name!r}")
+        if tuple(importance[name].shape) != tuple(parameter.shape):
+            raise UserError(f"importance store {path}: {name!r} has shape {tuple(importance[name].shape)}, "
+                            f"the model's parameter {tuple(parameter.shape)}")
 
 
 def all_finite(model: nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a file via a temporary sibling and a rename; refuses to replace an existing file."""
-    path = Path(path)
-    if path.exists():
-        raise UserError(f"{path} already exists; choose a new output path (nothing is overwritten)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(prefix=f".{path.name}.partial-", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as file:
-            file.write(text)
-        os.rename(staging, path)
-    except BaseException:
-        Path(staging).unlink(missing_ok=True)
-        raise

@@ -22,7 +22,9 @@ import os
 import sys
 
 from pipelines.cli import forget, importance, models, requests, tools
+from pipelines.ray_session import stop_ray
 from unlearning.errors import UserError
+from unlearning.tempdirs import remove_dead_scratch
 
 GROUPS = (models, importance, forget, requests, tools)
 EXTRAS = {"ray": "ray", "mlflow": "mlflow", "sqlalchemy": "ledger", "optuna": "ray", "yaml": "ray",
@@ -63,8 +65,15 @@ def command_parsers(parser: argparse.ArgumentParser):
                 yield from command_parsers(sub)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (`unlearn forget: error: ...`) and exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="unlearn", description="Make trained models forget data.")
+    parser = Parser(prog="unlearn", description="Make trained models forget data.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {version()}",
                         help="print the installed amnesis version and exit")
     add_global_flags(parser, top=True)
@@ -118,6 +127,7 @@ def configure_logging(command: str, verbose: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.command, args.verbose)
+    remove_dead_scratch()  # what killed commands left in the temporary directory
     os.environ.setdefault("MPLBACKEND", "Agg")  # the CLI writes PNGs, never opens a window; a user's choice wins
     try:
         return int(args.func(args) or 0)
@@ -133,5 +143,6 @@ def main(argv: list[str] | None = None) -> int:
               + (" (or 'amnesis[all]')" if extra in IN_ALL else ""), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        stop_ray()  # now, not at exit: no Ray process outlives the command
         print(f"unlearn {args.command}: interrupted; nothing was written", file=sys.stderr)
         return 130

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import math
 
-from pipelines.request import parse_param
+from pipelines.options import parse_param
 from unlearning.errors import UserError
 
 
@@ -13,6 +14,30 @@ def number(text: str) -> float:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
+def positive_number(text: str) -> float:
+    value = number(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number > 0")
+    return value
+
+
+def fraction(text: str) -> float:
+    value = number(text)
+    if not 0 < value <= 1:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number in (0, 1]")
+    return value
 
 
 def key_value(text: str) -> tuple[str, object]:

@@ -5,7 +5,14 @@ from __future__ import annotations
 import json
 import logging
 
-from pipelines.cli.common import METHODS_HELP, key_value, method_listing, number
+from pipelines.cli.common import (
+    METHODS_HELP,
+    fraction,
+    key_value,
+    method_listing,
+    number,
+    positive_int,
+)
 from pipelines.ray_session import DEFAULT_RAY_MIN_ROWS
 from unlearning.errors import UserError
 
@@ -38,15 +45,19 @@ def _request_arguments(parser, search_required: bool) -> None:
     add("--importance", help="an importance store from `unlearn importance`")
     add("--alpha", type=number, help="SSD's selection threshold alpha (fixed-strength methods)")
     add("--lambda", dest="lam", type=number, help="SSD's dampening constant lambda")
-    add("--rho", type=float, help="poison requests: target = rho x original forget accuracy")
+    add("--rho", type=fraction, help="poison requests: target = rho x original forget accuracy")
     add("--param", type=key_value, action="append", help="KEY=VALUE method parameter (repeatable)")
     add("--mode", default="per_sample", choices=["per_sample", "batch"], help="importance mode")
-    add("--batch-size", type=int, default=64, help="importance batch size (default 64)")
+    add("--batch-size", type=positive_int, default=64, help="importance batch size (default 64)")
     add("--seed", type=int, default=0, help="seed of random:N forget sets and of the methods")
     add("--search", required=search_required, metavar="CONFIG",
         help="a search by name (ptn, potion_ptn, tpe: tune_configs/) or YAML file: PTN walked on Ray actors, TPE on Ray Tune")
-    add("--model-name", help="registered model name in MLflow (default: ARCH-DATA)")
+    add("--model-name", help="registered model name in MLflow (default: the starting version's, else "
+        "ARCH-DATA-ROOT8: ROOT8 = the first 8 hex digits of the original model's fingerprint)")
     add("--no-track", action="store_true", help="do not record the request in MLflow")
+    add("--accept-unmet", action="store_true",
+        help="move @current to the new version even if its forget accuracy misses the target "
+             "(without it such a version is registered, @current stays, and the exit status is 3)")
     add("--compare-retrain", action="store_true", help="also retrain from scratch, for comparison")
     add("--workers", type=int, help="Ray workers for a large split's importance "
                                     "(default 2, or one per GPU/CPU if the cluster has fewer)")
@@ -63,7 +74,7 @@ def _request_arguments(parser, search_required: bool) -> None:
 
 def forget_options(args):
     """The request's ForgetOptions from the command line; UserError on bad combinations."""
-    from pipelines.request import ForgetOptions, check_device
+    from pipelines.options import ForgetOptions, check_device
 
     params = dict(args.param or [])
     if args.alpha is not None:
@@ -81,8 +92,8 @@ def forget_options(args):
         batch_size=args.batch_size, seed=args.seed, rho=args.rho, search=args.search,
         track=not args.no_track, model_name=args.model_name, compare_retrain=args.compare_retrain,
         zrf=args.zrf, workers=args.workers, ray_min_rows=args.ray_min_rows, show_progress=not args.quiet,
-        device=check_device(args.device),
-    )
+        device=check_device(args.device), accept_unmet=args.accept_unmet,
+    ).check()
 
 
 def cmd_forget(args) -> int:
@@ -100,12 +111,14 @@ def cmd_forget(args) -> int:
     with StepProgress("search steps", disable=args.quiet) as progress:
         report = run_forget(args.model, args.data, args.forget, args.out, options, progress=progress.on_result)
     print_report(report, args.out)
-    return 0
+    return 0 if report.target_met is not False or options.accept_unmet else 3  # 3: recorded, target missed
 
 
 def cmd_history(args) -> int:
-    from pipelines.tracking import history, removed_ids, tracking_uri, walk_history
+    from pipelines.lineage import history, removed_ids, walk_history
+    from pipelines.tracking import check_model_name, tracking_uri
 
+    check_model_name(args.model_name)
     rows = history(args.model_name)
     if not rows:
         raise UserError(f"model {args.model_name!r} has no versions at {tracking_uri()}")
@@ -117,7 +130,7 @@ def cmd_history(args) -> int:
         return 0
     print(f"{'version':>7}  {'parent':>6}  {'role':<10} {'method':<8} {'removed':>7}  forget set")
     for row in rows:
-        mark = " @current" if row["current"] else ""
+        mark = (" @current" if row["current"] else "") + ("" if row["target_met"] else " (target NOT met)")
         print(
             f"{row['version']:>7}  {row['parent_version'] or '-':>6}  {row['role']:<10} {row['method'] or '-':<8} "
             f"{row['forget_size']:>7}  {row['forget_spec'] or '-'}{mark}"

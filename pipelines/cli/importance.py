@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pipelines.cli.common import positive_int
 from pipelines.ray_session import DEFAULT_RAY_MIN_ROWS
 from unlearning.importance import KINDS, MODES
 
@@ -17,7 +18,7 @@ def add_commands(commands) -> None:
     parser.add_argument("--kind", choices=KINDS, default="fisher", help="importance kind (default fisher)")
     parser.add_argument("--mode", choices=MODES, default="per_sample",
                         help="per_sample (exact) or batch (the papers')")
-    parser.add_argument("--batch-size", type=int, default=64, help="batch size (default 64)")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="batch size (default 64)")
     parser.add_argument("--ray-min-rows", type=int, default=DEFAULT_RAY_MIN_ROWS, metavar="N",
                         help=f"run on Ray when the training split has at least N rows, 0 = always "
                              f"(default {DEFAULT_RAY_MIN_ROWS}); smaller data runs in this process")
@@ -31,10 +32,13 @@ def add_commands(commands) -> None:
 def cmd_importance(args) -> int:
     """Build the store, print one summary line; UserError on bad input."""
     from pipelines.distributed import build_importance_store
-    from pipelines.ray_session import set_storage
-    from pipelines.request import check_device
+    from pipelines.options import check_device
+    from pipelines.ray_session import check_workers, set_storage
     from pipelines.train import store_summary
+    from unlearning.outputs import check_output_path
 
+    check_output_path(args.out)
+    check_workers(args.workers)
     set_storage(args.storage)
     meta = build_importance_store(
         args.model, args.data, args.out, workers=args.workers, kind=args.kind, mode=args.mode,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from pipelines.cli.common import key_value
+from pipelines.cli.common import key_value, positive_int, positive_number
 
 ARCH_HELP = ("a built-in architecture (mlp, small_cnn, resnet_small, torchvision:resnet18, "
              "torchvision:vit_b_16), torchvision:NAME, timm:NAME, or your factory package.module:callable")
@@ -18,8 +18,8 @@ def add_commands(commands) -> None:
                        "resnet_small for 32x32, mlp for features)")
     train.add_argument("--arch-arg", type=key_value, action="append", metavar="KEY=VALUE",
                        help="a keyword argument of the architecture's factory (repeatable)")
-    train.add_argument("--epochs", type=int, help="epochs (default: the architecture's recipe)")
-    train.add_argument("--lr", type=float, help="learning rate (default: the architecture's recipe)")
+    train.add_argument("--epochs", type=positive_int, help="epochs (default: the architecture's recipe)")
+    train.add_argument("--lr", type=positive_number, help="learning rate (default: the architecture's recipe)")
     train.add_argument("--seed", type=int, default=0, help="seed of the initialisation and batch order")
     train.add_argument("--out", required=True, help="checkpoint directory to create")
     train.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
@@ -34,7 +34,7 @@ def add_commands(commands) -> None:
                           help="a state dict: .safetensors, or a torch file (read with weights_only=True)")
     imported.add_argument("--input-shape", required=True, type=_shape, metavar="C,H,W",
                           help="one input's shape without the batch dimension, e.g. 3,32,32 (or 64 for features)")
-    imported.add_argument("--num-classes", type=int, help="default: read from the model's output")
+    imported.add_argument("--num-classes", type=positive_int, help="default: read from the model's output")
     imported.add_argument("--mean", type=_floats, metavar="M1,M2,...",
                           help="per-channel mean the model's inputs are normalised with (with --std)")
     imported.add_argument("--std", type=_floats, metavar="S1,S2,...", help="per-channel std (with --mean)")
@@ -53,9 +53,11 @@ def add_commands(commands) -> None:
 
 
 def cmd_train(args) -> int:
-    from pipelines.request import check_device
+    from pipelines.options import check_device
     from pipelines.train import train_checkpoint
+    from unlearning.outputs import check_output_path
 
+    check_output_path(args.out)
     device = check_device(args.device)
     print(train_checkpoint(args.data, args.out, args.arch, args.epochs, args.lr, args.seed, not args.quiet, device,
                            arch_args=dict(args.arch_arg or [])))
@@ -65,10 +67,16 @@ def cmd_train(args) -> int:
 def cmd_import(args) -> int:
     from pipelines.train import import_checkpoint
     from unlearning.errors import UserError
+    from unlearning.outputs import check_output_path
 
+    check_output_path(args.out)
     if (args.mean is None) != (args.std is None):
         raise UserError("--mean and --std go together")
     normalize = {"mean": args.mean, "std": args.std} if args.mean is not None else None
+    if normalize is not None:
+        from unlearning.checkpoint import check_normalize
+
+        check_normalize(normalize, args.input_shape[0] if len(args.input_shape) > 1 else None, "--mean/--std")
     print(import_checkpoint(args.factory, dict(args.factory_arg or []), args.weights, args.input_shape, args.out,
                             normalize=normalize, num_classes=args.num_classes, data_spec=args.data))
     return 0
@@ -93,8 +101,10 @@ def _floats(text: str) -> list[float]:
 
 def cmd_evaluate(args) -> int:
     from pipelines.train import evaluate_checkpoint
-    from unlearning.checkpoint import atomic_write_text
+    from unlearning.outputs import atomic_write_text, check_output_path
 
+    if args.out:
+        check_output_path(args.out)
     metrics = evaluate_checkpoint(args.model, args.data, args.forget, args.seed, args.zrf)
     text = json.dumps(metrics, indent=2) + "\n"
     if args.out:

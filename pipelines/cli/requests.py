@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from datetime import datetime
 from pathlib import Path
 
@@ -37,6 +38,9 @@ def add_commands(commands) -> None:
     process.add_argument("--method", default="ptn", help=METHODS_HELP)
     process.add_argument("--seed", type=int, default=0, help="seed of the methods")
     process.add_argument("--out-root", default="runs/requests", help="where batch run directories go")
+    process.add_argument("--accept-unmet", action="store_true",
+                         help="mark a batch done and move @current even if its version misses the forget-accuracy "
+                              "target (without it the version is registered, its requests fail, exit status 3)")
     for sub in (add, listing, show, reject, process):
         sub.add_argument("--ledger", help="a SQLite or PostgreSQL URL (default: AMNESIS_LEDGER_URL or sqlite:///requests.db)")
     requests.set_defaults(func=cmd_requests)
@@ -57,15 +61,11 @@ def _add(ledger, args) -> int:
 
 
 def _read_ids(args) -> list[int]:
-    from unlearning.data import read_id_file
+    from unlearning.data import parse_id, read_id_file
 
     ids: list[int] = []
     if args.ids:
-        for part in args.ids.replace(",", " ").split():
-            try:
-                ids.append(int(part))
-            except ValueError:
-                raise UserError(f"--ids: {part!r} is not an integer id") from None
+        ids.extend(parse_id(part, "--ids") for part in args.ids.replace(",", " ").split())
     if args.file:
         ids.extend(read_id_file(Path(args.file)).tolist())
     if not ids:
@@ -104,20 +104,29 @@ def _reject(ledger, args) -> int:
 
 
 def _process(ledger, args) -> int:
-    from pipelines.ledger import Busy
+    from pipelines.ledger import Busy, TargetNotMet
     from pipelines.ledger_jobs import process_pending
-    from pipelines.request import ForgetOptions
+    from pipelines.options import ForgetOptions
+    from pipelines.tracking import check_model_name
+    from unlearning.outputs import check_output_path
 
-    options = ForgetOptions(importance_store=args.importance, search=args.search, method=args.method, seed=args.seed)
+    check_model_name(args.model_name)
+    check_output_path(args.out_root, root=True)
+    options = ForgetOptions(importance_store=args.importance, search=args.search, method=args.method,
+                            seed=args.seed, accept_unmet=args.accept_unmet).check()
     try:
         summary = process_pending(ledger, args.model_name, args.data, args.out_root, args.initial_model, options)
     except Busy as busy:
         print(f"nothing to do: {busy}")
         return 0
+    except TargetNotMet as unmet:  # recorded, not done: its own exit status
+        print(f"unlearn requests: error: {unmet}", file=sys.stderr)
+        return 3
     if summary["batch"] is None:
         print("nothing to do: no pending requests")
     else:
         print(f"batch {summary['batch']}: {summary['processed']} requests done -> "
               f"{args.model_name} version {summary['model_version']}"
-              + (" (resumed)" if summary.get("resumed") else ""))
+              + (" (resumed)" if summary.get("resumed") else "")
+              + ("" if summary.get("target_met", True) else " (target NOT met, accepted with --accept-unmet)"))
     return 0

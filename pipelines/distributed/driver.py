@@ -24,7 +24,13 @@ from pipelines.distributed.data_stage import rank_dataset
 from pipelines.distributed.plan import plan_chunks, worker_resources
 from pipelines.distributed.rows import RaySplit
 from pipelines.distributed.worker import RunChannel, importance_worker
-from pipelines.ray_session import DEFAULT_RAY_MIN_ROWS, ensure_ray, resolve_workers, run_storage
+from pipelines.ray_session import (
+    DEFAULT_RAY_MIN_ROWS,
+    ensure_ray,
+    fit_off_main_thread,
+    resolve_workers,
+    run_storage,
+)
 from unlearning.checkpoint import model_meta
 from unlearning.data import Split, open_dataset
 from unlearning.data.rows import is_lazy
@@ -150,7 +156,7 @@ def _fit(rows: RaySplit, plan, model, config: dict, cluster: dict, label: str | 
     use_gpu, per_worker, threads = worker_resources(cluster, plan.workers, cuda_on_gpu_nodes(cluster))
     channel = ray.remote(num_cpus=0)(RunChannel).remote()
     datasets = {f"rank{rank}": rank_dataset(rank, rows, plan) for rank in range(plan.workers)}
-    storage, temporary = run_storage("amnesis-importance-")
+    storage, temporary = run_storage("importance")
     model_ref = ray.put(cpu_model(model))
     trainer = _trainer({**config, "model": model_ref, "channel": channel, "plan": plan, "threads": threads},
                        datasets, plan.workers, use_gpu, per_worker, storage)
@@ -159,7 +165,7 @@ def _fit(rows: RaySplit, plan, model, config: dict, cluster: dict, label: str | 
         display = threading.Thread(target=show_progress, args=(channel, plan.num_rows, stop, label), daemon=True)
         display.start()
     try:
-        trainer.fit()
+        fit_off_main_thread(trainer.fit)  # Ctrl-C stays a KeyboardInterrupt (ray_session)
         return ray.get(channel.get_result.remote()), ray.get(channel.streaming_seconds.remote())
     except Exception as error:
         message = ray.get(channel.get_user_error.remote())

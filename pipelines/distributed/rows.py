@@ -106,7 +106,7 @@ class RaySplit:
         table = self.table
         file_rows = self.inputs.file_rows()[rows]
         if isinstance(table, ParquetTable):
-            raw = arrow_inputs(batch, table.input_kind)
+            raw = arrow_inputs(batch, table.input_kind, table.path)
             raw["label"] = self.labels[rows]
             inputs = self.inputs.decode(raw, file_rows)
         elif isinstance(table, ImageFolderTable):

@@ -6,6 +6,7 @@ into the fixed batches it owns, reports progress, and adds its partial sums to t
 
 from __future__ import annotations
 
+import re
 import time
 
 import numpy as np
@@ -79,14 +80,33 @@ def any_batches(shard, batch_size: int):
 
 
 def user_error_message(error: BaseException) -> str | None:
-    """The one-line message of a UserError somewhere in `error`'s chain, else None."""
-    seen = set()
+    """The one-line message of a UserError somewhere in `error`'s chain, else None.
+
+    Ray Data wraps a decoder's exception in a UserCodeException whose cause does not survive
+    the trip to this process; only the remote traceback's text does, ending in the UserError's
+    own line, which is what is read then."""
+    seen, texts = set(), []
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        if isinstance(error, UserError):
+        if isinstance(error, UserError) and not isinstance(error, ray_errors()):
             return str(error).strip().splitlines()[-1]
+        texts.append(str(error))
         error = error.__cause__ or error.__context__
+    for text in texts:
+        found = _REMOTE_USER_ERROR.findall(text)
+        if found:
+            return found[-1].strip()
     return None
+
+
+_REMOTE_USER_ERROR = re.compile(rf"^{re.escape(UserError.__module__)}\.UserError: (.+)$", re.MULTILINE)
+
+
+def ray_errors() -> tuple[type, ...]:
+    """Ray's exception classes (a RayTaskError can also be an instance of its cause's class)."""
+    from ray.exceptions import RayError
+
+    return (RayError,)
 
 
 class WorkerProgress:

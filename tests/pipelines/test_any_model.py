@@ -81,9 +81,11 @@ def test_a_users_module_goes_through_train_importance_and_forget_on_ray(tmp_path
     assert report["original_metrics"]["test_forget_acc"] > 0.9
     assert report["metrics"]["test_forget_acc"] <= 0.05
     assert report["metrics"]["test_retain_acc"] >= report["original_metrics"]["test_retain_acc"] - 0.05
-    assert "my_digits_net-DigitsNet-digits" in out
+    root = json.loads((tmp_path / "ck" / "model.json").read_text())["fingerprint"]
+    name = f"my_digits_net-DigitsNet-digits-{root[:8]}"  # ARCH-DATA-ROOT8
+    assert report["mlflow"]["model_name"] == name and name in out
 
-    served = mlflow.pytorch.load_model("models:/my_digits_net-DigitsNet-digits@current")
+    served = mlflow.pytorch.load_model(f"models:/{name}@current")
     checkpoint = unlearning.load_model(tmp_path / "run").eval()
     inputs = torch.randn(6, 1, 8, 8)
     with torch.no_grad():

@@ -10,7 +10,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import pipelines
 import unlearning
-from pipelines.request import ForgetOptions, run_forget
+from pipelines.options import ForgetOptions
+from pipelines.request import run_forget
 from tests.conftest import assert_state_equal, state_copy
 from unlearning.checkpoint import model_meta
 from unlearning.models import logits_of
@@ -30,7 +31,7 @@ def test_forget_on_tensors_forgets_the_class_and_registers_an_mlflow_model(digit
     assert report.original_metrics["test_forget_acc"] > 0.9 and report.metrics["test_forget_acc"] <= 0.05
     assert report.metrics["test_retain_acc"] >= report.original_metrics["test_retain_acc"] - 0.02
     assert report.forget.size == int((train[1] == 3).sum())
-    assert report.mlflow.model_name == "small_cnn-data"
+    assert report.mlflow.model_name == f"small_cnn-data-{unlearning.model_fingerprint(digits_model)[:8]}"
     served = mlflow.pytorch.load_model(f"models:/{report.mlflow.model_name}@current")
     inputs = torch.randn(5, 1, 8, 8)
     with torch.no_grad():

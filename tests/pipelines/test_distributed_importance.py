@@ -21,7 +21,8 @@ import torch
 import unlearning
 from pipelines.cli import main
 from pipelines.distributed import build_importance_store, compute_importance_on_ray
-from pipelines.request import ForgetOptions, prepare_request, run_forget
+from pipelines.options import ForgetOptions
+from pipelines.request import prepare_request, run_forget
 from unlearning.checkpoint import model_meta
 
 pytestmark = pytest.mark.ray

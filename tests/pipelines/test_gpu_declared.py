@@ -10,7 +10,8 @@ import pytest
 
 import unlearning
 from pipelines.distributed import compute_importance_on_ray
-from pipelines.request import ForgetOptions, prepare_request
+from pipelines.options import ForgetOptions
+from pipelines.request import prepare_request
 from pipelines.search import SearchConfig, trial_resources
 from tests.conftest import assert_parallel_ptn_is_the_sequential_walk
 from unlearning.checkpoint import model_meta

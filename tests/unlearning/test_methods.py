@@ -271,6 +271,8 @@ def test_jit_flattens_the_model_around_the_forget_samples_and_picks_defaults_by_
     # The objective is the Lipschitz ratio on D_f: held-out noise sees it fall.
     before, after = mean_ratio(digits_model), mean_ratio(output.model)
     assert after < 0.9 * before, (before, after)
-    # ... and an SGD step of 0 changes nothing.
-    still = unlearning.run_method("jit", task, lr=0.0).model
+    # ... and an SGD step of 0 changes nothing (the method itself; run_method refuses lr=0).
+    still = unlearning.get_method("jit").fn(task, sigma=None, lr=0.0, copies=25).model
     assert_state_equal(still, state_copy(digits_model))
+    with pytest.raises(unlearning.UserError, match="parameter lr must be a finite number > 0, got 0.0"):
+        unlearning.run_method("jit", task, lr=0.0)

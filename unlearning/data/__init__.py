@@ -11,7 +11,14 @@
 """
 
 from unlearning.data.containers import Dataset, Split, Trigger, add_trigger, normalize_batch
-from unlearning.data.forget import ForgetSet, forget_ids, parse_forget, read_id_file, split_forget
+from unlearning.data.forget import (
+    ForgetSet,
+    forget_ids,
+    parse_forget,
+    parse_id,
+    read_id_file,
+    split_forget,
+)
 from unlearning.data.load import load_dataset, open_dataset
 from unlearning.data.rows import RowInputs, Stamp
 from unlearning.data.sources import (
@@ -50,6 +57,7 @@ __all__ = [
     "open_source",
     "parse_forget",
     "poison_task",
+    "parse_id",
     "read_id_file",
     "split_forget",
 ]

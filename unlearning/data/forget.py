@@ -108,25 +108,44 @@ def read_id_file(path: Path) -> Tensor:
     if not path.is_file():
         raise UserError(f"forget spec {str(path)!r} is not class:K, random:N or an existing id file")
     if path.suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         try:
-            table = pq.read_table(path, columns=["id"])
-        except Exception as error:
-            raise UserError(f"{path}: cannot read an 'id' column ({error})") from None
-        values = np.asarray(table.column("id").to_numpy(), dtype=np.int64)
+            column = pq.read_table(path, columns=["id"]).column("id")
+        except Exception as error:  # not Parquet, or no such column
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise UserError(f"{path}: cannot read an 'id' column ({first})") from None
+        if not pa.types.is_integer(column.type) or column.null_count:
+            raise UserError(f"{path}: the 'id' column must hold integers without nulls, not {column.type}")
+        values = column.to_numpy()
+        if len(values) and (values.min() < 0 or values.max() > np.iinfo(np.int64).max):
+            raise UserError(f"{path}: ids must be integers from 0 to 2^63 - 1")
+        values = np.asarray(values, dtype=np.int64)
     else:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            raise UserError(f"{path} is not UTF-8 text (byte {error.start}); an id file holds one integer id per line") from None
         values = []
-        for number, line in enumerate(path.read_text().splitlines(), start=1):
+        for number, line in enumerate(text.splitlines(), start=1):
             line = line.strip()
             if not line or line.startswith("#"):
                 continue
-            try:
-                values.append(int(line))
-            except ValueError:
-                raise UserError(f"{path}:{number}: {line!r} is not an integer id") from None
+            values.append(parse_id(line, f"{path}:{number}"))
         values = np.asarray(values, dtype=np.int64)
     return torch.unique(torch.tensor(values, dtype=torch.int64))
+
+
+def parse_id(text: str, where: str) -> int:
+    """One sample id: a non-negative integer that fits int64, or a UserError naming it."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise UserError(f"{where}: {text!r} is not an integer id") from None
+    if not 0 <= value <= np.iinfo(np.int64).max:
+        raise UserError(f"{where}: id {text} is out of range (ids are integers from 0 to 2^63 - 1)")
+    return value
 
 
 def split_forget(dataset: Dataset, forget: ForgetSet) -> tuple[Split, Split]:

@@ -28,6 +28,8 @@ from unlearning.data.sources import (
 from unlearning.data.tasks import apply_modifier
 from unlearning.errors import UserError
 
+MAX_CLASSES = 100_000  # a label beyond this is an id or a mistake, not a class (ImageNet-21k: 21,841)
+
 
 def load_dataset(spec: str | os.PathLike) -> Dataset:
     """`digits`, a Parquet file, a directory with train/test Parquet, or an image folder,
@@ -56,11 +58,19 @@ def load_source(source: RowSource) -> Dataset:
 
 
 def check_source_keys(source: RowSource, train: Split, test: Split) -> None:
-    """Ids unique, labels non-negative: what every loader checks before anything else."""
+    """Ids unique and non-negative, labels class indices (0 <= label < MAX_CLASSES), at least
+    two classes to train on: what every loader checks before anything else."""
     _check_ids(source, train, test)
     for split in (train, test):
         if len(split) and int(split.labels.min()) < 0:
             raise UserError(f"{source.spec}: labels must be non-negative integers")
+        if len(split) and int(split.labels.max()) >= MAX_CLASSES:
+            raise UserError(f"{source.spec}: label {int(split.labels.max())} is not a class index "
+                            f"(labels are 0 ... number of classes - 1, at most {MAX_CLASSES - 1})")
+    classes = len(source.train.table.classes) if hasattr(source.train.table, "classes") else (
+        len(torch.unique(train.labels)))
+    if classes < 2:
+        raise UserError(f"{source.spec}: the training data has {classes} class; a classifier needs at least 2")
 
 
 def source_dataset(source: RowSource, train: Split, test: Split) -> Dataset:
@@ -84,6 +94,8 @@ def _check_ids(source: RowSource, train: Split, test: Split) -> None:
     for ids in groups:
         if len(torch.unique(ids)) != len(ids):
             raise UserError(f"{source.spec}: the 'id' column has duplicates")
+        if len(ids) and int(ids.min()) < 0:
+            raise UserError(f"{source.spec}: ids must be non-negative integers, found {int(ids.min())}")
 
 
 def _classes(source: RowSource, train: Split, test: Split) -> tuple[int, list[str]]:

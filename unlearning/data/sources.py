@@ -78,6 +78,7 @@ class ParquetTable:
                 raise UserError(f"{path} has no {required!r} column (columns: {sorted(columns)})")
         if "image" not in columns and "features" not in columns:
             raise UserError(f"{path} needs an 'image' or a 'features' column")
+        _check_schema(path, file.schema_arrow)
         sizes = [file.metadata.row_group(g).num_rows for g in range(file.metadata.num_row_groups)]
         starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
         kind = "image" if "image" in columns else "features"
@@ -99,17 +100,17 @@ class ParquetTable:
                 local = rows[groups == group] - self.group_starts[group]
                 parts.append(file.read_row_group(group, columns=columns).take(pa.array(local)))
             table = pa.concat_tables(parts)
-        raw = arrow_inputs(table, self.input_kind)
-        raw["label"] = np.asarray(table.column("label").to_numpy(), dtype=np.int64)
+        raw = arrow_inputs(table, self.input_kind, self.path)
+        raw["label"] = int64_column(table, "label", self.path)
         return raw
 
     def keys(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(id, label) of file rows `rows`, only those two columns read."""
+        """(id, label) of file rows `rows`, only those two columns read; UserError on a null
+        or on an id beyond int64."""
         import pyarrow.parquet as pq
 
         table = pq.ParquetFile(self.path).read(columns=["id", "label"])
-        ids = np.asarray(table.column("id").to_numpy(), dtype=np.int64)
-        labels = np.asarray(table.column("label").to_numpy(), dtype=np.int64)
+        ids, labels = (int64_column(table, name, self.path) for name in ("id", "label"))
         return ids[rows], labels[rows]
 
     def label_names(self) -> dict[int, str]:
@@ -126,9 +127,40 @@ class ParquetTable:
         return [file_digest(self.path)]
 
 
-def arrow_inputs(table, input_kind: str) -> dict[str, np.ndarray]:
+def _check_schema(path: Path, schema) -> None:
+    """Integer `id` and `label`, binary `image` or numeric list `features`, from the footer."""
+    import pyarrow as pa
+
+    for name in ("id", "label"):
+        kind = schema.field(name).type
+        if not pa.types.is_integer(kind):
+            raise UserError(f"{path}: the {name!r} column must hold integers, not {kind}")
+    if "image" in schema.names:
+        kind = schema.field("image").type
+        if not (pa.types.is_binary(kind) or pa.types.is_large_binary(kind)):
+            raise UserError(f"{path}: the 'image' column must hold encoded image bytes, not {kind}")
+        return
+    kind = schema.field("features").type
+    if not (pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)) or not (
+        pa.types.is_floating(kind.value_type) or pa.types.is_integer(kind.value_type)
+    ):
+        raise UserError(f"{path}: the 'features' column must hold lists of numbers, not {kind}")
+
+
+def int64_column(table, name: str, where) -> np.ndarray:
+    """An integer column of an Arrow table as int64; UserError on a null or a value beyond int64."""
+    column = table.column(name)
+    if column.null_count:
+        raise UserError(f"{where}: the {name!r} column has {column.null_count} empty (null) values")
+    values = column.to_numpy()
+    if values.dtype == np.uint64 and len(values) and values.max() > np.iinfo(np.int64).max:
+        raise UserError(f"{where}: the {name!r} column holds values beyond int64 ({values.max()})")
+    return np.asarray(values, dtype=np.int64)
+
+
+def arrow_inputs(table, input_kind: str, where="a Parquet block") -> dict[str, np.ndarray]:
     """`id` and the input column of an Arrow table (a Parquet read, or a Ray Data block), raw."""
-    raw = {"id": np.asarray(table.column("id").to_numpy(), dtype=np.int64)}
+    raw = {"id": int64_column(table, "id", where)}
     if input_kind == "image":
         values = table.column("image").to_pylist()
         raw["image"] = np.empty(len(values), dtype=object)
@@ -283,6 +315,8 @@ def held_out_positions(n: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _single(spec: str, name: str, table: Table, tag: bool) -> RowSource:
     """A source of one table, with a held-out test split (`tag`: the split is in the fingerprint)."""
+    if table.num_rows < 2:
+        raise UserError(f"{spec}: {table.num_rows} rows; a data set needs rows to train on and to test on")
     train, test = held_out_positions(table.num_rows)
     parts = table.fingerprint_parts() + ([HELD_OUT_TAG] if tag else [])
     return RowSource(spec, name, SplitRows(table, train), SplitRows(table, test), fingerprint_bytes(*parts), True)
@@ -347,6 +381,20 @@ def decode_rows(raw: dict, where: str) -> tuple[Tensor, Tensor, Tensor]:
     elif "pixels" in raw:
         inputs = torch.from_numpy(np.ascontiguousarray(raw["pixels"], dtype=np.float32))
     else:
-        inputs = torch.tensor(np.asarray(raw["features"], dtype=np.float32))
+        inputs = _feature_tensor(raw["features"], where)
     ids = torch.tensor(np.asarray(raw["id"], dtype=np.int64))
+    if inputs.is_floating_point() and not bool(torch.isfinite(inputs).all()):
+        row = int((~torch.isfinite(inputs.reshape(len(inputs), -1))).any(1).nonzero()[0])
+        raise UserError(f"{where}: the row with id {int(ids[row])} has inputs that are not finite (NaN or inf)")
     return ids, inputs, torch.tensor(np.asarray(raw["label"], dtype=np.int64))
+
+
+def _feature_tensor(features, where: str) -> Tensor:
+    """Feature rows (a 2-D array, or a list when rows differ in length) -> float32 N x D."""
+    if isinstance(features, np.ndarray) and features.dtype != object:
+        return torch.tensor(np.asarray(features, dtype=np.float32))  # a copy: Arrow's buffers are read-only
+    lengths = {len(row) if row is not None else 0 for row in features}
+    if len(lengths) > 1 or 0 in lengths:
+        raise UserError(f"{where}: the 'features' rows differ in length ({sorted(lengths)[:4]}) or are empty; "
+                        "every row needs the same number of features")
+    return torch.tensor(np.asarray(list(features), dtype=np.float32))

@@ -13,10 +13,11 @@ from unlearning.methods.registry import (
     METHODS,
     Method,
     MethodOutput,
+    check_params,
     get_method,
     register_method,
     run_method,
 )
 from unlearning.methods.task import UnlearningTask
 
-__all__ = ["METHODS", "Method", "MethodOutput", "UnlearningTask", "get_method", "register_method", "run_method"]
+__all__ = ["METHODS", "Method", "MethodOutput", "UnlearningTask", "check_params", "get_method", "register_method", "run_method"]
