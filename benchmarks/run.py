@@ -111,7 +111,7 @@ def add_suite_arguments(parser: argparse.ArgumentParser) -> None:
                         help="PTN steps per Tune trial (default: unlearning.search.PTNConfig's)")
     parser.add_argument("--speed-parts", nargs="+", default=["throughput", "retrain", "ptn"])
     parser.add_argument("--ptn-start-divisor", type=float, default=None,
-                        help=f"ptn / potion_ptn: s_0 = |D_f| / N / this (default: PTNConfig's {PTN.start_divisor:g})")
+                        help=f"ptn / potion: s_0 = |D_f| / N / this (default: PTNConfig's {PTN.start_divisor:g})")
     parser.add_argument("--ptn-forget", default=None, help="speed: the request the PTN timing uses (default class:K)")
     parser.add_argument("--param", type=parse_method_param, action="append", default=[], metavar="METHOD:KEY=VALUE",
                         help="a method parameter for this run, e.g. jit:lr=3e-5 (repeatable)")

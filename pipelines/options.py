@@ -82,6 +82,7 @@ class ForgetOptions:
             check_store()
         if not self.search:
             unlearning.methods.check_params(self.method, self.params)
+            self.method = unlearning.methods.canonical_name(self.method)  # reports name what ran
         return self
 
 

@@ -187,6 +187,8 @@ def build_report(
     )
     if "attack_success_rate" in metrics:
         metrics.update(poison_outcome(original_metrics, metrics))
+    elif forget.kind == "poison":  # ids declared poisoned, trigger unknown: the drop is still known
+        metrics["accuracy_drop"] = original_metrics["test_acc"] - metrics["test_acc"]
     target = float(output.params["target"] if output.params.get("target") is not None else task.search_target())
     return RequestReport(
         method=method, params=output.params, details=output.details,

@@ -78,10 +78,14 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "tune_configs"
 
 
 def load_search_config(path: str | Path) -> SearchConfig:
-    """A YAML file, or the name of one in tune_configs/ (`ptn`, `potion_ptn`, `tpe`)."""
+    """A YAML file, or the name of one in tune_configs/ (`ptn`, `potion`, `tpe`)."""
     import yaml
 
+    from unlearning.methods import canonical_name
+
     path = Path(path)
+    if not path.is_file():  # a name; an earlier one (potion_ptn) means what it became
+        path = Path(canonical_name(str(path)))
     if not path.is_file() and (CONFIG_DIR / f"{path}.yaml").is_file():
         path = CONFIG_DIR / f"{path}.yaml"
     if not path.is_file():

@@ -52,6 +52,8 @@ def print_report(report: RequestReport, out: str) -> None:
         print("warning: the search did not reach its target; the most aggressive step was used")
     if report.target is not None:
         print(target_line(report))
+    if report.forget.kind == "poison" and "attack_success_rate" not in report.metrics:
+        print(poison_line(report))
     if report.mlflow is not None:
         entry = report.mlflow
         if entry.adopted:
@@ -59,6 +61,15 @@ def print_report(report: RequestReport, out: str) -> None:
         current = " (@current)" if entry.current_version == entry.model_version else ""
         print(f"MLflow: run {entry.run_id}, model {entry.model_name} version {entry.model_version}{current}")
     print(f"-> {out}" + (" (report.md with plots inside)" if report.has_plots else ""))
+
+
+def poison_line(report: RequestReport) -> str:
+    """What a poison request from an id list can show: the trigger is unknown, so no attack rate."""
+    before, after = report.original_metrics["forget_acc"], report.metrics["forget_acc"]
+    drop = 100 * (report.original_metrics["test_acc"] - report.metrics["test_acc"])
+    return (f"poison declared by id list: the flagged rows' accuracy on their own labels went "
+            f"{100 * before:.1f} % -> {100 * after:.1f} %, test accuracy drop {drop:.1f} points; "
+            "the attack's success rate needs the trigger and is not measured")
 
 
 def target_line(report: RequestReport) -> str:

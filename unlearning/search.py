@@ -71,7 +71,7 @@ def percentile_of_sorted(sorted_values: Tensor, q: float) -> float:
 class PTNConfig:
     """The PTN walk's settings: the one place their defaults live.
 
-    Read by the `ptn` and `potion_ptn` methods, by the parallel walk on Ray Tune
+    Read by the `ptn` and `potion` methods, by the parallel walk on Ray Tune
     (pipelines/search.py) and by tune_configs/*.yaml, which only override them.
     """
 
@@ -79,7 +79,7 @@ class PTNConfig:
     max_steps: int = 500  # alpha-phase steps at most
     start_divisor: float = 25.0  # s_0 = |D_f| / N / start_divisor; larger starts gentler
     min_lambda: float = 1e-3  # where the lambda and threshold phases stop
-    chunk_size: int = 2  # consecutive steps per call to a search's actor (the parallel walk only)
+    chunk_size: int = 1  # steps per lockstep round of a search's actors (the parallel walk only)
     poison_rho: float = 0.1  # poison requests' default rho (the paper sweeps 0 ... 0.75)
 
     def check(self) -> PTNConfig:

@@ -11,7 +11,7 @@ from benchmarks.suites.poison import POISON_METHODS, poison_suite
 from benchmarks.suites.speed import speed_suite
 
 SUITES = ("fullclass", "subclass", "random", "poison", "speed")
-CLASS_METHODS = ["ssd", "lfssd", "assd", "potion", "ptn", "jit", "retrain", "finetune", "amnesiac", "bad_teacher"]
+CLASS_METHODS = ["ssd", "lfssd", "assd", "potion_step", "ptn", "jit", "retrain", "finetune", "amnesiac", "bad_teacher"]
 
 
 def run(suite: str, args, scale) -> dict:

@@ -51,7 +51,7 @@ def _request_arguments(parser, search_required: bool) -> None:
     add("--batch-size", type=positive_int, default=64, help="importance batch size (default 64)")
     add("--seed", type=int, default=0, help="seed of random:N forget sets and of the methods")
     add("--search", required=search_required, metavar="CONFIG",
-        help="a search by name (ptn, potion_ptn, tpe: tune_configs/) or YAML file: PTN walked on Ray actors, TPE on Ray Tune")
+        help="a search by name (ptn, potion, tpe: tune_configs/) or YAML file: PTN walked on Ray actors, TPE on Ray Tune")
     add("--model-name", help="registered model name in MLflow (default: the starting version's, else "
         "ARCH-DATA-ROOT8: ROOT8 = the first 8 hex digits of the original model's fingerprint)")
     add("--no-track", action="store_true", help="do not record the request in MLflow")

@@ -34,7 +34,7 @@ def add_commands(commands) -> None:
     process.add_argument("--data", required=True, help="the training data (as for train)")
     process.add_argument("--initial-model", help="checkpoint to start from if the model is not registered yet")
     process.add_argument("--importance", help="importance store of the original model")
-    process.add_argument("--search", metavar="CONFIG", help="a search by name (ptn, potion_ptn, tpe: tune_configs/) or YAML file instead of the default method")
+    process.add_argument("--search", metavar="CONFIG", help="a search by name (ptn, potion, tpe: tune_configs/) or YAML file instead of the default method")
     process.add_argument("--method", default="ptn", help=METHODS_HELP)
     process.add_argument("--seed", type=int, default=0, help="seed of the methods")
     process.add_argument("--out-root", default="runs/requests", help="where batch run directories go")

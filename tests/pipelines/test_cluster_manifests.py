@@ -242,7 +242,7 @@ def test_the_wheel_is_the_one_the_launcher_installs_and_ships_tune_configs(wheel
     assert wheel.name == launcher_wheel()[1]
     names = set(zipfile.ZipFile(wheel).namelist())
     configs = {p.name for p in (ROOT / "tune_configs").glob("*.yaml")}
-    assert configs >= {"ptn.yaml", "potion_ptn.yaml", "tpe.yaml"}
+    assert configs >= {"ptn.yaml", "potion.yaml", "tpe.yaml"}
     assert {f"tune_configs/{name}" for name in configs} <= names
     assert "pipelines/cli/__init__.py" in names and "unlearning/__init__.py" in names
     migrations = {f"pipelines/ledger_migrations/versions/{p.name}"
@@ -258,8 +258,9 @@ def test_search_configs_resolve_by_name_from_the_installed_wheel(wheel, tmp_path
                     "--target", str(target), str(wheel)], check=True, timeout=300)
     script = (
         "import pipelines.search as s\n"
-        "for name in ('ptn', 'potion_ptn', 'tpe'):\n"
-        "    print(name, s.load_search_config(name).search)\n"
+        "for name in ('ptn', 'potion', 'potion_ptn', 'tpe'):\n"
+        "    config = s.load_search_config(name)\n"
+        "    print(name, config.search, config.importance_kind)\n"
         "print(s.__file__)\n"
     )
     elsewhere = tmp_path / "elsewhere"
@@ -269,8 +270,9 @@ def test_search_configs_resolve_by_name_from_the_installed_wheel(wheel, tmp_path
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.splitlines()
-    assert lines[:3] == ["ptn ptn", "potion_ptn ptn", "tpe tpe"]
-    assert Path(lines[3]).is_relative_to(target)  # the installed copy answered, not the repository
+    # potion_ptn, potion's earlier name, still finds its config
+    assert lines[:4] == ["ptn ptn fisher", "potion ptn l2_norm", "potion_ptn ptn l2_norm", "tpe tpe fisher"]
+    assert Path(lines[4]).is_relative_to(target)  # the installed copy answered, not the repository
 
 
 def test_make_clean_removes_what_the_commands_write_and_keeps_the_environment(tmp_path):

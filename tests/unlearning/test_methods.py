@@ -183,7 +183,7 @@ def test_unknown_method_and_parameter_are_refused(digits, digits_model):
         unlearning.run_method("ssd", task, beta=3)
 
 
-def test_potion_ptn_heals_a_partly_identified_poison_where_retraining_cannot():
+def test_potion_heals_a_partly_identified_poison_where_retraining_cannot():
     """The poison task (docs/methods.md#poison) on digits: 1 % poisoned, 20 % of it identified (seeded)."""
     from unlearning.metrics import attack_success_rate, healed_fraction
     from unlearning.training import DEFAULT_RECIPES, train
@@ -200,8 +200,10 @@ def test_potion_ptn_heals_a_partly_identified_poison_where_retraining_cannot():
 
     task = make_task(dataset, model, "poison:identified")
     assert len(task.forget_split) == 3 and task.forget.kind == "poison"
-    potion = unlearning.run_method("potion_ptn", task)
+    potion = unlearning.run_method("potion", task)
     assert potion.params["rho"] == 0.1 and potion.params["kind"] == "l2_norm"
+    # `potion_ptn`, its earlier name, is the same method
+    assert unlearning.get_method("potion_ptn") is unlearning.get_method("potion")
     healed = healed_fraction(asr_before, attack_success_rate(potion.model, poison.triggered_test, 0, normalize))
     drop = test_before - accuracy(potion.model, dataset.test, normalize)
     retrained = unlearning.run_method("retrain", task).model

@@ -1,8 +1,8 @@
 """Forget sets: which training rows a deletion request names.
 
 `class:K[,K2]`, `subclass:K` (a fine class of a coarse task), `random:N[:SEED]`,
-`poison:identified` / `poison:all` (a `+poison` task), or a file of ids (one per line, or
-Parquet with an `id` column).
+`poison:identified` / `poison:all` (a `+poison` task), `poison:FILE` (ids declared poisoned),
+or a file of ids (one per line, or Parquet with an `id` column).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ class ForgetSet:
     """Which training rows to forget, and what kind of request it is."""
 
     spec: str
-    kind: str  # "class", "subclass", "ids", "random"
+    kind: str  # "class", "subclass", "ids", "random", "poison"
     ids: Tensor
     classes: list[int] = field(default_factory=list)
 
@@ -44,17 +44,11 @@ def _class_index(text: str, what: str, limit: int) -> int:
 
 def parse_forget(spec: str, dataset: Dataset, seed: int = 0) -> ForgetSet:
     """`class:K[,K2]`, `subclass:K` (a fine class), `random:N[:SEED]`, `poison:identified`,
-    `poison:all`, or a file of ids."""
+    `poison:all`, `poison:FILE`, or a file of ids."""
     spec = str(spec).strip()
     train = dataset.train
     if spec.startswith("poison:"):
-        if dataset.poison is None:
-            raise UserError(f"forget spec {spec}: the data set has no poison (use DATA+poison:rate=...)")
-        which = spec[7:]
-        if which not in ("identified", "all"):
-            raise UserError(f"forget spec {spec}: expected poison:identified or poison:all")
-        ids = dataset.poison.identified.ids if which == "identified" else dataset.poison.poisoned_ids
-        forget = ForgetSet(spec, "poison", ids)
+        forget = ForgetSet(spec, "poison", _poison_ids(spec, spec[7:], dataset))
     elif spec.startswith("class:"):
         classes = [_class_index(t, spec, dataset.num_classes) for t in spec[6:].split(",")]
         ids = train.ids[torch.isin(train.labels, torch.tensor(classes))]
@@ -80,6 +74,20 @@ def parse_forget(spec: str, dataset: Dataset, seed: int = 0) -> ForgetSet:
     else:
         forget = ForgetSet(spec, "ids", read_id_file(Path(spec)))
     return checked_forget(forget, dataset)
+
+
+def _poison_ids(spec: str, which: str, dataset: Dataset) -> Tensor:
+    """`poison:identified` / `poison:all` of a `+poison` task, or `poison:FILE`: any id list
+    declared poisoned (its rows keep their labels in the data, the poison labels)."""
+    if which in ("identified", "all"):
+        if dataset.poison is None:
+            raise UserError(f"forget spec {spec}: the data set has no poison (use DATA+poison:rate=... "
+                            "or poison:FILE with the ids found to be poisoned)")
+        return dataset.poison.identified.ids if which == "identified" else dataset.poison.poisoned_ids
+    if not Path(which).is_file():
+        raise UserError(f"forget spec {spec}: {which!r} is not an id file (poison:FILE, poison:identified "
+                        "or poison:all)")
+    return read_id_file(Path(which))
 
 
 def forget_ids(ids, dataset: Dataset, spec: str = "ids") -> ForgetSet:

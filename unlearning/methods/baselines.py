@@ -9,11 +9,18 @@ import torch
 import torch.nn.functional as F
 
 from unlearning.checkpoint import model_meta, new_model
+from unlearning.data import Split
 from unlearning.errors import UserError
 from unlearning.methods.registry import MethodOutput, register_method
 from unlearning.methods.task import UnlearningTask
 from unlearning.models import logits_of
 from unlearning.training import TrainConfig, train
+
+
+def wrong_labels(split: Split, num_classes: int, generator: torch.Generator) -> Split:
+    """`split` with every label replaced by a uniformly random *other* class: (y + u) mod C."""
+    shift = torch.randint(1, num_classes, (len(split),), generator=generator)
+    return replace(split, labels=(split.labels + shift) % num_classes)
 
 
 @register_method("retrain", own_loop=True, epochs=None)
@@ -44,10 +51,7 @@ def finetune_method(task: UnlearningTask, epochs: int, lr: float) -> MethodOutpu
 def amnesiac_method(task: UnlearningTask, epochs: int, lr: float) -> MethodOutput:
     """Relabel D_f with random wrong labels, train on it mixed with D_r (Adam)."""
     generator = torch.Generator().manual_seed(task.seed)
-    num_classes = task.dataset.num_classes
-    forget = task.forget_split
-    shift = torch.randint(1, num_classes, (len(forget),), generator=generator)
-    wrong = replace(forget, labels=(forget.labels + shift) % num_classes)
+    wrong = wrong_labels(task.forget_split, task.dataset.num_classes, generator)
     mixed = task.retain_split.concat(wrong)
     model = copy.deepcopy(task.model)
     config = TrainConfig(

@@ -54,7 +54,17 @@ def register_method(name: str, *, own_loop: bool = False, **defaults):
     return decorator
 
 
+# Earlier names that still work: `potion_ptn` was the paper's Potion before `potion` meant it.
+ALIASES = {"potion_ptn": "potion"}
+
+
+def canonical_name(name: str) -> str:
+    """The registered name `name` stands for (itself, or what an earlier name became)."""
+    return ALIASES.get(name, name)
+
+
 def get_method(name: str) -> Method:
+    name = canonical_name(name)
     if name not in METHODS:
         raise UserError(f"unknown method {name!r}; known: {', '.join(sorted(METHODS))}")
     return METHODS[name]
@@ -63,8 +73,8 @@ def get_method(name: str) -> Method:
 # Every number a method takes must be finite and > 0 (counts: integers >= 1), except these,
 # which must lie in (low, high], or in [low, high] where marked closed.
 LIMITS = {"target": (0.0, 1.0, "closed"), "rho": (0.0, 1.0, ""), "retain_share": (0.0, 1.0, ""),
-          "growth": (1.0, math.inf, "")}
-CHOICES = {"kind": ("fisher", "l2", "l2_norm"), "reference": ("full", "retain")}
+          "growth": (1.0, math.inf, ""), "mask_share": (0.0, 1.0, ""), "beta": (0.0, 1.0, "")}
+CHOICES = {"kind": ("fisher", "l2", "l2_norm"), "reference": ("full", "retain"), "setting": ("small", "large")}
 
 
 def check_params(name: str, params: dict) -> None:
@@ -93,8 +103,8 @@ def _check_value(method: str, key: str, value, kind: type | None) -> None:
     where = f"method {method!r} parameter {'lambda' if key == 'lam' else key}"
     if kind is str:
         if not isinstance(value, str) or (key in CHOICES and value not in CHOICES[key]):
-            choices = f" ({', '.join(CHOICES[key])})" if key in CHOICES else ""
-            raise UserError(f"{where} must be a string{choices}, got {value!r}")
+            allowed = f"one of {', '.join(CHOICES[key])}" if key in CHOICES else "a string"
+            raise UserError(f"{where} must be {allowed}, got {value!r}")
         return
     if kind not in (int, float):
         return

@@ -48,9 +48,9 @@ def assd_method(task: UnlearningTask, lam: float) -> MethodOutput:
     return _adaptive(task, "fisher", lam)
 
 
-@register_method("potion", lam=1.0)
-def potion_method(task: UnlearningTask, lam: float) -> MethodOutput:
-    """Outlier-resistant SSD: l2-norm importance, adaptive alpha, I^D on D_r."""
+@register_method("potion_step", lam=1.0)
+def potion_step_method(task: UnlearningTask, lam: float) -> MethodOutput:
+    """Potion's single adaptive step, no walk: l2-norm importance, adaptive alpha, I^D on D_r."""
     return _adaptive(task, "l2_norm", lam)
 
 
@@ -98,10 +98,10 @@ def ptn_method(
     return output
 
 
-@register_method("potion_ptn", target=None, rho=None, **WALK)
-def potion_ptn_method(
+@register_method("potion", target=None, rho=None, **WALK)
+def potion_method(
     task: UnlearningTask, target: float | None, rho: float | None, growth: float, max_steps: int,
     start_divisor: float,
 ) -> MethodOutput:
-    """Potion + PTN: l2-norm importance, I^D on D_r, the PTN walk to rho x A_0 (poison)."""
+    """Potion as in its paper: l2-norm importance, I^D on D_r, the PTN walk to rho x A_0 (poison)."""
     return ptn_method(task, "l2_norm", "retain", target, rho, growth, max_steps, start_divisor)
