@@ -36,6 +36,12 @@ PARQUET_TASK_BYTES_ENV = "RAY_DATA_PARQUET_BIN_PACKING_BYTES"
 # ~160 threads) kept up to ~90 MiB that way. 0 returns pages at once; a local cluster's workers
 # inherit it from the driver (set it in a cluster's own environment to the same end).
 ARROW_FREED_PAGES_ENV = "MIMALLOC_PURGE_DELAY"
+# Ray starts its workers at niceness 15 (its `worker_niceness`), below the driver. Here the
+# workers do a request's work (evaluators, the parallel PTN walk, importance workers): at 15
+# they got a small share of a CPU anything else used, and lost to the same walk run in the
+# driver (docs/implementation-notes.md, "Search without Tune's fixed cost"). A local cluster's
+# workers run at 0 (a user's own value wins; set it in a cluster's own environment likewise).
+WORKER_NICENESS_ENV = "RAY_worker_niceness"
 STORAGE_ENV = "AMNESIS_RAY_STORAGE"  # Ray Train/Tune storage: shared on multi-node clusters
 
 
@@ -62,6 +68,7 @@ def ensure_ray(num_cpus: int | None = None) -> dict:
             ray.init(address=address, **quiet)
         else:
             os.environ.setdefault(ARROW_FREED_PAGES_ENV, "0")  # a user's own value wins
+            os.environ.setdefault(WORKER_NICENESS_ENV, "0")
             ray.init(
                 address="local",
                 num_cpus=num_cpus or available_cpus(),

@@ -5,20 +5,21 @@ report metrics; MLflow is written by the driver.
 
 Parallel PTN runs on the request's long-lived evaluator actors (`pipelines.distributed`), not
 on Tune, with no per-trial process start or torch import (docs/implementation-notes.md,
-"Search without Tune's fixed cost"). D_f is read once through Ray Data and streamed out in
-one shard per actor, which the actor keeps decoded (a shard may be empty); each step is
-evaluated by every actor on its shard and the driver adds up the rows each got right, so a
-step's forget accuracy is exactly the one over the whole of D_f. The schedule
-(unlearning.search.ptn_schedule) is dealt to every actor in the same order, `chunk_size`
-consecutive steps per call; actors do not wait for each other. Once some step m
-has met the target, no chunk starting after m is dealt. Every chunk starting at or before m
-has been dealt to every actor, so every step before m has been evaluated on all of D_f: the
-least step that meets the target is exactly the sequential answer.
+"Search without Tune's fixed cost"). A D_f the request's executor reads on Ray (at least
+`--ray-min-rows` rows) is read once through Ray Data and streamed out in one shard per actor,
+which the actor keeps decoded; the shards are then evened out to within a row (a streaming
+split deals whole blocks), since every step waits for the largest. A smaller D_f is decoded
+here, as the in-process walk would, and each actor is sent its shard. The
+walk goes in lockstep: every actor evaluates the same `chunk_size` consecutive steps (default
+one) on its shard, the driver adds up the rows each got right, so a step's forget accuracy is
+exactly the one over the whole of D_f, and the next chunk is dealt only if none of these steps
+met the target. No actor evaluates a step past the answer's chunk, and every step before the
+answer is evaluated on all of D_f: the least step that meets the target is exactly the
+sequential answer.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 from dataclasses import dataclass, field, fields
@@ -30,7 +31,6 @@ import torch
 from pipelines.distributed.driver import check_first_row, cpu_model
 from pipelines.distributed.rows import RaySplit
 from pipelines.ray_session import ensure_ray, fit_off_main_thread, run_storage
-from unlearning.data.rows import is_lazy
 from unlearning.errors import UserError
 from unlearning.methods import MethodOutput, UnlearningTask
 from unlearning.search import (
@@ -135,25 +135,6 @@ def trial_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-class ChunkDealer:
-    """Hands each actor the schedule's chunks in order; none that starts after a step known to meet."""
-
-    def __init__(self, n_chunks: int, chunk_size: int):
-        self.n_chunks, self.chunk_size = n_chunks, chunk_size
-        self.next_chunk: dict = {}
-        self.best = math.inf
-
-    def next(self, actor) -> int | None:
-        chunk = self.next_chunk.get(actor, 0)
-        if chunk >= self.n_chunks or chunk * self.chunk_size > self.best:
-            return None
-        self.next_chunk[actor] = chunk + 1
-        return chunk
-
-    def met(self, step: int) -> None:
-        self.best = min(self.best, step)
-
-
 def _run_tuner(trainable, tune_config, name: str, resources: dict):
     # Tune's console reporter (configuration box, result tables) stays out of the user's way.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -197,40 +178,49 @@ def parallel_ptn(
     parallel = min(config.parallel or default_parallel(config), len(split))
     pool = executor.evaluators(parallel, trial_resources(config).get("gpu", 0.0))
     key, shards = f"search-{id(task)}", np.array_split(np.arange(len(split)), len(pool))
-    if is_lazy(split.inputs):  # one Ray Data read of D_f, streamed out: each actor keeps what it gets
+    if executor.on_ray(split):  # one Ray Data read of D_f, streamed out: each actor keeps what it gets
         rows = RaySplit.of(split, task.normalize, check_first_row(split, task.model, "the forget set"))
-        ray.get([actor.load_shard.remote(key, stream, rows) for actor, stream in zip(pool, rows.streams(len(pool)))])
-    else:  # rows already in memory (the library API, the benchmarks): each actor gets its shard
+        counts = ray.get([actor.load_shard.remote(key, stream, rows) for actor, stream in zip(pool, rows.streams(len(pool)))])
+        moves = shard_moves(counts)  # a few rows from actor to actor, through the object store
+        ray.get([pool[taker].keep.remote(key, pool[giver].give.remote(key, n)) for giver, taker, n in moves])
+    else:  # rows in memory, or a D_f the request reads in-process (< --ray-min-rows): decoded here, dealt out
         inputs = torch.cat([x for x, _ in split.batches(512, normalize=task.normalize)])
         ray.get([actor.keep.remote(key, [(shard, inputs[shard])]) for actor, shard in zip(pool, shards)])
-    state = [ray.put(cpu_model(task.model)), ray.put((full, forget))]  # nested: fetched once per actor
-    labels = split.labels.numpy()
-    dealer = ChunkDealer(-(-len(schedule) // config.chunk_size), config.chunk_size)
-    running, counts, evaluated = {}, {}, {}
+    # nested references: each actor fetches them once per search, not at every call
+    state = [ray.put(cpu_model(task.model)), ray.put((full, forget)), ray.put(split.labels.numpy())]
+    evaluated = {}
     try:
-        while True:
-            for actor in pool:
-                if actor not in running.values() and (chunk := dealer.next(actor)) is not None:
-                    steps = schedule[chunk * config.chunk_size : (chunk + 1) * config.chunk_size]
-                    running[actor.walk.remote(key, labels, state, steps)] = actor
-            if not running:
-                break
-            [done], _ = ray.wait(list(running), num_returns=1)
-            running.pop(done)
-            for step, right, rows in ray.get(done):
-                total = counts.setdefault(step.index, [0, 0, 0])
-                total[0], total[1], total[2] = total[0] + right, total[1] + rows, total[2] + 1
-                if total[2] < len(pool):
-                    continue
-                acc = total[0] / total[1]
+        for start in range(0, len(schedule), config.chunk_size):
+            steps = schedule[start : start + config.chunk_size]
+            answers = ray.get([actor.walk.remote(key, state, steps) for actor in pool])
+            for i, step in enumerate(steps):
+                acc = sum(answer[i][1] for answer in answers) / sum(answer[i][2] for answer in answers)
                 evaluated[step.index] = (step, acc)
-                if acc <= target:
-                    dealer.met(step.index)
                 if progress is not None:
                     progress({"step": step.index, "alpha": step.alpha, "lam": step.lam, PTN_METRIC: acc})
+            if any(evaluated[step.index][1] <= target for step in steps):
+                break
     finally:
         ray.get([actor.drop.remote(key) for actor in pool])
     return _walk_result(schedule, evaluated, target)
+
+
+def shard_moves(counts: list[int]) -> list[tuple[int, int, int]]:
+    """(giver, taker, rows) moves that even out shards of `counts` rows to within one row."""
+    targets = [len(part) for part in np.array_split(np.arange(sum(counts)), len(counts))]
+    order = sorted(range(len(counts)), key=lambda i: counts[i] - targets[i])  # most wanting first
+    surplus = {i: counts[i] - targets[i] for i in order}
+    moves, takers = [], [i for i in order if surplus[i] < 0]
+    for giver in reversed(order):
+        while surplus[giver] > 0 and takers:
+            taker = takers[0]
+            count = min(surplus[giver], -surplus[taker])
+            moves.append((giver, taker, count))
+            surplus[giver] -= count
+            surplus[taker] += count
+            if surplus[taker] == 0:
+                takers.pop(0)
+    return moves
 
 
 def search_executor(task: UnlearningTask):

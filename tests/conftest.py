@@ -162,4 +162,5 @@ def assert_parallel_ptn_is_the_sequential_walk(task, config) -> list:
     assert sequential.reached and parallel.step == sequential.step
     assert [(s.index, acc) for s, acc in parallel.path] == [(s.index, acc) for s, acc in sequential.path]
     assert len(trials) >= len(sequential.path)
+    assert len(trials) < len(sequential.path) + config.chunk_size  # no step past the answer's chunk
     return trials

@@ -58,22 +58,35 @@ class RowEvaluator:
         return sum(len(index) for index, _ in self.kept[key])
 
     def keep(self, key: str, blocks: list) -> int:
-        """Keep rows decoded elsewhere: [(split row numbers, normalised inputs)]."""
-        self.kept[key] = blocks
-        return sum(len(index) for index, _ in blocks)
+        """Keep rows decoded elsewhere, [(split row numbers, normalised inputs)], with any kept under `key`."""
+        self.kept.setdefault(key, []).extend(blocks)
+        return sum(len(index) for index, _ in self.kept[key])
 
-    def walk(self, key: str, labels: np.ndarray, state: list, steps: list) -> list:
+    def give(self, key: str, count: int) -> list:
+        """Hand over the last `count` rows kept under `key` (another actor keeps them): a search's
+        shards are evened out this way, since a streaming split deals whole blocks."""
+        blocks, given = self.kept[key], []
+        while count > 0:
+            index, inputs = blocks.pop()
+            if len(index) > count:  # split the block: keep its head
+                blocks.append((index[:-count], inputs[:-count]))
+                index, inputs = index[-count:], inputs[-count:]
+            given.append((index, inputs))
+            count -= len(index)
+        return given
+
+    def walk(self, key: str, state: list, steps: list) -> list:
         """PTN steps on the rows kept under `key`: [(step, rows right, rows)] for each step.
 
-        `state` is [model, (I^D, I^f)] as object-store references, fetched on this key's first
-        walk and kept with its rows (a walk is called once per chunk of steps).
+        `state` is [model, (I^D, I^f), D_f's labels] as object-store references, fetched on
+        this key's first walk and kept with its rows (a walk is called once per chunk of steps).
         """
         from unlearning.search import dampened_copy
 
         if key not in self.walks:
             import ray
 
-            model, importances = ray.get(state)
+            model, importances, labels = ray.get(state)
             index = np.concatenate([i for i, _ in self.kept[key]] or [np.empty(0, dtype=np.int64)])
             self.walks[key] = (model.to(self.device), importances, torch.from_numpy(labels[index]))
         model, (full, forget), truth = self.walks[key]
