@@ -156,8 +156,8 @@ class _BatchJob:
     def unlearn(self, options, fault_point):
         """Forget the wanted ids from the base version, registered with the batch's tag; the
         request's report (with its MLflow entry)."""
-        from pipelines.registration import OutputExists
         from pipelines.request import run_forget
+        from unlearning.outputs import OutputExists
 
         pause_point = fault_point or (lambda step: None)
         batch_id = self.claim.batch_id

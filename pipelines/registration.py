@@ -27,7 +27,7 @@ from pipelines.report import RequestReport
 from unlearning.checkpoint import MODEL_META, MODEL_WEIGHTS, model_meta
 from unlearning.errors import UserError
 from unlearning.models import arch_label
-from unlearning.outputs import write_json
+from unlearning.outputs import OutputExists, write_json
 
 if TYPE_CHECKING:
     from pipelines.options import ForgetOptions
@@ -35,13 +35,6 @@ if TYPE_CHECKING:
 
 REQUEST_ID = re.compile(r"^[0-9a-f]{32}$")  # uuid4().hex
 RUN_FILES = ("report.json", "forget_ids.txt", MODEL_META, MODEL_WEIGHTS)
-
-
-class OutputExists(UserError):
-    """The output path exists and is not a run directory this request may adopt."""
-
-    def __init__(self, out):
-        super().__init__(f"{out} already exists; choose a new output path (nothing is overwritten)")
 
 
 def unrecorded_run(out: str | Path, track: bool) -> RequestReport | None:

@@ -28,7 +28,6 @@ import unlearning
 from pipelines.lineage import resolve_with_removed
 from pipelines.options import ForgetOptions
 from pipelines.registration import (
-    OutputExists,
     complete_recorded,
     lineage_root,
     record_run,
@@ -42,7 +41,7 @@ from unlearning.errors import UserError
 from unlearning.evaluation import evaluate_model, evaluate_models
 from unlearning.methods import MethodOutput, UnlearningTask
 from unlearning.metrics import healed_fraction
-from unlearning.outputs import atomic_directory, check_output_path, write_json
+from unlearning.outputs import OutputExists, atomic_directory, check_output_path, write_json
 from unlearning.training import TrainConfig
 
 log = logging.getLogger(__name__)

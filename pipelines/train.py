@@ -14,6 +14,7 @@ import unlearning
 from unlearning.checkpoint import model_meta
 from unlearning.errors import UserError
 from unlearning.models import canonical_arch
+from unlearning.outputs import OutputExists
 
 
 def default_arch(dataset) -> str:
@@ -42,7 +43,7 @@ def train_checkpoint(
     if config.epochs < 1:
         raise UserError(f"--epochs must be at least 1, got {config.epochs}")
     if os.path.exists(out):
-        raise UserError(f"{out} already exists; choose a new output path (nothing is overwritten)")
+        raise OutputExists(out)
     normalize = dataset.normalization()
     model = unlearning.new_model(arch, dataset.num_classes, dataset.input_shape, normalize, seed=seed,
                                  **(arch_args or {}))
@@ -78,7 +79,7 @@ def import_checkpoint(
     from unlearning.evaluation import evaluate_model
 
     if os.path.exists(out):
-        raise UserError(f"{out} already exists; choose a new output path (nothing is overwritten)")
+        raise OutputExists(out)
     if normalize is not None and len(normalize["mean"]) != len(normalize["std"]):
         raise UserError("--mean and --std need one value per channel each")
     model = import_model(factory, factory_kwargs, weights, input_shape, normalize, num_classes)

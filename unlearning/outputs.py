@@ -19,6 +19,13 @@ from unlearning.errors import UserError
 from unlearning.tempdirs import owned, remove_dead_owners, staging_prefix
 
 
+class OutputExists(UserError):
+    """An output path that exists already: nothing is overwritten."""
+
+    def __init__(self, out):
+        super().__init__(f"{out} already exists; choose a new output path (nothing is overwritten)")
+
+
 @contextmanager
 def atomic_directory(out: str | os.PathLike):
     """Yield a temporary sibling directory; rename it to `out` only if the block succeeds.
@@ -27,7 +34,7 @@ def atomic_directory(out: str | os.PathLike):
     """
     out = Path(out)
     if out.exists():
-        raise UserError(f"{out} already exists; choose a new output path (nothing is overwritten)")
+        raise OutputExists(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_dead_owners(out.parent, staging_prefix(out.name))  # what a killed run left for this name
     staging = Path(tempfile.mkdtemp(prefix=owned(staging_prefix(out.name)), dir=out.parent))
@@ -52,7 +59,7 @@ def check_output_path(out: str | os.PathLike, root: bool = False) -> Path:
     """
     out = Path(out)
     if not root and os.path.lexists(out):  # lexists: False (not an error) for a name too long
-        raise UserError(f"{out} already exists; choose a new output path (nothing is overwritten)")
+        raise OutputExists(out)
     if root and os.path.lexists(out):
         if not out.is_dir():
             raise UserError(f"{out} is not a directory")
@@ -87,7 +94,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write a file via a temporary sibling and a rename; refuses to replace an existing file."""
     path = Path(path)
     if path.exists():
-        raise UserError(f"{path} already exists; choose a new output path (nothing is overwritten)")
+        raise OutputExists(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_dead_owners(path.parent, staging_prefix(path.name))
     handle, staging = tempfile.mkstemp(prefix=owned(staging_prefix(path.name)), dir=path.parent)

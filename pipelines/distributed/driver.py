@@ -37,6 +37,7 @@ from unlearning.data.rows import is_lazy
 from unlearning.errors import UserError
 from unlearning.importance import KINDS, MODES
 from unlearning.models import factory_module
+from unlearning.outputs import OutputExists
 from unlearning.passes import LocalExecutor
 
 MAX_FAILURES = 3  # worker-group restarts before a run gives up
@@ -244,7 +245,7 @@ def build_importance_store(model_path: str | os.PathLike, data_spec: str | os.Pa
     atomically, or not at all).
     """
     if Path(out).exists():
-        raise UserError(f"{out} already exists; choose a new output path (nothing is overwritten)")
+        raise OutputExists(out)
     check_arguments(workers, kind, mode, batch_size)
     started = time.monotonic()
     model = unlearning.load_model(model_path)
