@@ -32,16 +32,23 @@ def lipschitz_ratio(outputs: torch.Tensor, noisy_outputs: torch.Tensor, inputs: 
     return output_change / input_change
 
 
-@register_method("jit", own_loop=True, sigma=None, lr=None, copies=25)
-def jit_method(task: UnlearningTask, sigma: float | None, lr: float | None, copies: int) -> MethodOutput:
-    """JiT: one SGD pass over D_f that flattens the model around each forget sample."""
+@register_method("jit", own_loop=True, sigma=None, lr=None, copies=25, accumulate=True, trust=1e-2)
+def jit_method(
+    task: UnlearningTask, sigma: float | None, lr: float | None, copies: int, accumulate: bool, trust: float
+) -> MethodOutput:
+    """JiT: one SGD pass over D_f that flattens the model around each forget sample.
+
+    As in the authors' code, gradients accumulate across batches (`accumulate`; false zeroes
+    them per batch). Each update is capped at `trust` x the weights' norm (docs/methods.md#jit).
+    """
     default_sigma, default_lr = jit_defaults(model_meta(task.model)["arch"], task.forget.kind)
     sigma = default_sigma if sigma is None else sigma
     lr = default_lr if lr is None else lr
     model = copy.deepcopy(task.model).to(task.device)
     model.eval()  # BatchNorm keeps its running statistics, as in the importance passes
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.0)
+    params = [p for p in model.parameters() if p.requires_grad]
     generator = torch.Generator(device=task.device).manual_seed(task.seed)
+    capped = steps = 0
     for inputs, _ in task.batches(task.forget_split):
         inputs = inputs.to(task.device)
         low, high = inputs.min(), inputs.max()
@@ -53,7 +60,30 @@ def jit_method(task: UnlearningTask, sigma: float | None, lr: float | None, copi
             with torch.no_grad():  # the gradient flows through f(x) only, as in the authors' code
                 noisy_outputs = logits_of(model(noisy))
             loss = loss + lipschitz_ratio(outputs, noisy_outputs, inputs, noisy).sum()
-        optimizer.zero_grad(set_to_none=True)
+        if not accumulate:
+            model.zero_grad(set_to_none=True)
         (loss / copies).backward()
-        optimizer.step()
-    return MethodOutput(model.cpu(), {"sigma": sigma, "lr": lr, "copies": copies})
+        steps += 1
+        capped += capped_step_(params, lr, trust)
+    return MethodOutput(model.cpu(), {"sigma": sigma, "lr": lr, "copies": copies, "accumulate": accumulate,
+                                      "trust": trust}, {"steps": steps, "capped_steps": capped})
+
+
+@torch.no_grad()
+def capped_step_(params: list[torch.Tensor], lr: float, trust: float) -> bool:
+    """theta <- theta - eta' g with eta' = min(eta, trust * ||theta|| / ||g||) (global norms).
+
+    True if the cap applied. A non-finite gradient leaves the weights as they are.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return False
+    grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.double()) for g in grads]))
+    if not torch.isfinite(grad_norm) or grad_norm == 0:
+        return False
+    weight_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.double()) for p in params]))
+    step = min(lr, trust * float(weight_norm) / float(grad_norm))
+    for p in params:
+        if p.grad is not None:
+            p.add_(p.grad, alpha=-step)
+    return step < lr
