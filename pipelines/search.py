@@ -10,12 +10,11 @@ on Tune, with no per-trial process start or torch import (docs/implementation-no
 which the actor keeps decoded; the shards are then evened out to within a row (a streaming
 split deals whole blocks), since every step waits for the largest. A smaller D_f is decoded
 here, as the in-process walk would, and each actor is sent its shard. The
-walk goes in lockstep: every actor evaluates the same `chunk_size` consecutive steps (default
-one) on its shard, the driver adds up the rows each got right, so a step's forget accuracy is
-exactly the one over the whole of D_f, and the next chunk is dealt only if none of these steps
-met the target. No actor evaluates a step past the answer's chunk, and every step before the
-answer is evaluated on all of D_f: the least step that meets the target is exactly the
-sequential answer.
+walk goes in lockstep: every actor evaluates the steps `unlearning.search.PTNWalk` asks for
+(`chunk_size` consecutive forward steps, default one; one step at a time when walking back) on
+its shard, and the driver adds up the rows each got right, so a step's forget accuracy is
+exactly the one over the whole of D_f. The walk then takes its next decision from these
+accuracies exactly as the in-process loop does: the same steps, the same answer.
 """
 
 from __future__ import annotations
@@ -36,10 +35,11 @@ from unlearning.methods import MethodOutput, UnlearningTask
 from unlearning.search import (
     PTN_DEFAULTS,
     PTNConfig,
+    PTNWalk,
     SearchResult,
     Step,
-    first_meeting,
-    ptn_schedule,
+    dampened_copy,
+    ptn_search,
 )
 
 PTN_METRIC = "forget_acc"
@@ -60,6 +60,8 @@ class SearchConfig:
     growth: float = PTN_DEFAULTS.growth
     max_steps: int = PTN_DEFAULTS.max_steps
     start_divisor: float = PTN_DEFAULTS.start_divisor
+    walk_back: bool = PTN_DEFAULTS.walk_back
+    refine: bool = PTN_DEFAULTS.refine
     chunk_size: int = PTN_DEFAULTS.chunk_size
     # tpe
     num_samples: int = 50
@@ -70,7 +72,8 @@ class SearchConfig:
 
     def walk(self) -> PTNConfig:
         return PTNConfig(
-            growth=self.growth, max_steps=self.max_steps, start_divisor=self.start_divisor, chunk_size=self.chunk_size
+            growth=self.growth, max_steps=self.max_steps, start_divisor=self.start_divisor, chunk_size=self.chunk_size,
+            walk_back=self.walk_back, refine=self.refine,
         )
 
 
@@ -101,6 +104,9 @@ def load_search_config(path: str | Path) -> SearchConfig:
     if unknown:
         raise UserError(f"search config {path}: unknown setting {unknown[0]!r} (known: {', '.join(sorted(known))})")
     config = SearchConfig(**data)
+    for key in ("walk_back", "refine"):
+        if not isinstance(getattr(config, key), bool):
+            raise UserError(f"search config {path}: {key} must be true or false, got {getattr(config, key)!r}")
     if config.search not in ("ptn", "tpe"):
         raise UserError(f"search config {path}: search must be 'ptn' or 'tpe', got {config.search!r}")
     try:
@@ -163,16 +169,19 @@ def _run_tuner(trainable, tune_config, name: str, resources: dict):
 
 def parallel_ptn(
     task: UnlearningTask, config: SearchConfig, target: float, progress=None
-) -> tuple[SearchResult, list[dict]]:
-    """The PTN walk on the request's evaluator actors, each holding a shard of D_f.
+) -> tuple[SearchResult, Step | None, dict, list[dict]]:
+    """The PTN walk and its refinement on the request's evaluator actors, each holding a shard
+    of D_f: (the walk's result, the step to apply, details, trials for MLflow).
 
-    Returns the same answer as unlearning.search.sequential_search (see the module docstring).
+    Drives the same unlearning.search.ptn_search as the in-process method: the same steps, the
+    same answer. Retained accuracies of the refinement's candidates are scored by the task's
+    executor (on Ray when the sample has at least --ray-min-rows rows).
     """
     import ray
 
     full = task.importance(config.reference, config.importance_kind)
     forget = task.importance("forget", config.importance_kind)
-    schedule = ptn_schedule(full, forget, task.forget_fraction, config.walk())
+    walk = PTNWalk(full, forget, task.forget_fraction, target, config.walk())
     executor = search_executor(task)
     split = task.forget_split
     parallel = min(config.parallel or default_parallel(config), len(split))
@@ -188,21 +197,28 @@ def parallel_ptn(
         ray.get([actor.keep.remote(key, [(shard, inputs[shard])]) for actor, shard in zip(pool, shards)])
     # nested references: each actor fetches them once per search, not at every call
     state = [ray.put(cpu_model(task.model)), ray.put((full, forget)), ray.put(split.labels.numpy())]
-    evaluated = {}
+    trials = []
+
+    def evaluate(steps: list[Step]) -> list[float]:
+        answers = ray.get([actor.walk.remote(key, state, steps) for actor in pool])
+        accuracies = [sum(answer[i][1] for answer in answers) / sum(answer[i][2] for answer in answers)
+                      for i in range(len(steps))]
+        for step, acc in zip(steps, accuracies):
+            trials.append({"name": f"step {step.index} lambda {step.lam:g}", "metrics": {PTN_METRIC: acc},
+                           "params": {"alpha": step.alpha, "lambda": step.lam, "step": step.index}})
+            if progress is not None:
+                progress({"step": step.index, "alpha": step.alpha, "lam": step.lam, PTN_METRIC: acc})
+        return accuracies
+
+    sample = task.retain_sample(walk.config.retain_sample)
     try:
-        for start in range(0, len(schedule), config.chunk_size):
-            steps = schedule[start : start + config.chunk_size]
-            answers = ray.get([actor.walk.remote(key, state, steps) for actor in pool])
-            for i, step in enumerate(steps):
-                acc = sum(answer[i][1] for answer in answers) / sum(answer[i][2] for answer in answers)
-                evaluated[step.index] = (step, acc)
-                if progress is not None:
-                    progress({"step": step.index, "alpha": step.alpha, "lam": step.lam, PTN_METRIC: acc})
-            if any(evaluated[step.index][1] <= target for step in steps):
-                break
+        result, chosen, details = ptn_search(
+            walk, evaluate, lambda step: task.accuracy(dampened_copy(task.model, full, forget, step), sample),
+            config.chunk_size,
+        )
     finally:
         ray.get([actor.drop.remote(key) for actor in pool])
-    return _walk_result(schedule, evaluated, target)
+    return result, chosen, details, trials
 
 
 def shard_moves(counts: list[int]) -> list[tuple[int, int, int]]:
@@ -231,23 +247,6 @@ def search_executor(task: UnlearningTask):
         task.executor = RayExecutor(task.executor, min_rows=2**62)
     ensure_ray()
     return task.executor
-
-
-def _walk_result(schedule: list[Step], evaluated: dict, target: float) -> tuple[SearchResult, list[dict]]:
-    path = [evaluated[i] for i in sorted(evaluated)]
-    answer = first_meeting(path, target)
-    limit = answer.index if answer is not None else len(schedule)
-    missing = [i for i in range(limit) if i not in evaluated]
-    if missing:  # the argument in the module docstring guarantees this never happens
-        raise RuntimeError(f"parallel PTN left steps {missing[:5]} unevaluated")
-    # keep the path the sequential loop would have walked: every step up to the answer
-    sequential_path = [evaluated[i] for i in range(limit + (answer is not None))]
-    trials = [
-        {"name": f"step {step.index}", "params": {"alpha": step.alpha, "lambda": step.lam, "step": step.index},
-         "metrics": {PTN_METRIC: acc}}
-        for step, acc in path
-    ]
-    return SearchResult(answer, target, sequential_path), trials
 
 
 def _tpe_trial(config, model, full, forget, forget_split, retain_split, normalize, target):
@@ -305,13 +304,14 @@ def run_search(task: UnlearningTask, config: SearchConfig, progress=None) -> tup
 
     target = task.search_target(config.target, config.rho)
     if config.search == "ptn":
-        result, trials = parallel_ptn(task, config, target, progress)
-        chosen: Step = result.step or result.path[-1][0]
+        result, chosen, refinement, trials = parallel_ptn(task, config, target, progress)
+        chosen = chosen or result.path[-1][0]
         alpha, lam = chosen.alpha, chosen.lam
         details = {
             "reached": result.reached,
             "path": [{**step.to_dict(), "forget_acc": acc} for step, acc in result.path],
             "evaluated_steps": len(trials),
+            **refinement,
         }
         extra = {"step": chosen.index}
     else:

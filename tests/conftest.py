@@ -150,17 +150,24 @@ def parquet_checkpoint(tmp_path_factory):
 
 
 def assert_parallel_ptn_is_the_sequential_walk(task, config) -> list:
-    """The parallel PTN walk on Ray reaches the sequential loop's answer by the same path."""
+    """The parallel PTN search on Ray (walk and refinement) reaches the in-process answer by the
+    same path."""
     from pipelines.search import parallel_ptn
-    from unlearning.search import ptn_schedule, sequential_search
+    from unlearning.search import PTNWalk, dampened_copy, ptn_search
 
     target = task.search_target(config.target, config.rho)
     full, forget = task.importance("full", "fisher"), task.importance("forget", "fisher")
-    schedule = ptn_schedule(full, forget, task.forget_fraction)
-    sequential = sequential_search(task.model, full, forget, schedule, task.forget_accuracy, target)
-    parallel, trials = parallel_ptn(task, config, target)
-    assert sequential.reached and parallel.step == sequential.step
+    walk = PTNWalk(full, forget, task.forget_fraction, target, config.walk())
+    sample = task.retain_sample(walk.config.retain_sample)
+    sequential, chosen, details = ptn_search(
+        walk, lambda steps: [task.forget_accuracy(dampened_copy(task.model, full, forget, s)) for s in steps],
+        lambda step: task.accuracy(dampened_copy(task.model, full, forget, step), sample),
+    )
+    parallel, parallel_chosen, parallel_details, trials = parallel_ptn(task, config, target)
+    assert sequential.reached and parallel.step == sequential.step and parallel_chosen == chosen
     assert [(s.index, acc) for s, acc in parallel.path] == [(s.index, acc) for s, acc in sequential.path]
-    assert len(trials) >= len(sequential.path)
-    assert len(trials) < len(sequential.path) + config.chunk_size  # no step past the answer's chunk
+    assert parallel_details == details
+    assert len(details["candidates"]) >= 2 if sequential.step.s is not None else details["candidates"] == []
+    evaluated = len(sequential.path) + len(details["refinement"])
+    assert evaluated <= len(trials) < evaluated + config.chunk_size  # no step past the answer's chunk
     return trials

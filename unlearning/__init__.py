@@ -17,7 +17,7 @@ from unlearning.data import Dataset, ForgetSet, Split, load_dataset, parse_forge
 from unlearning.errors import UserError
 from unlearning.importance import ImportanceSums, compute_importance, compute_importance_sums
 from unlearning.methods import METHODS, MethodOutput, UnlearningTask, get_method, run_method
-from unlearning.search import PTNConfig, Step, ptn_schedule, sequential_search
+from unlearning.search import PTNConfig, PTNWalk, Step, ptn_schedule, sequential_search
 
 __all__ = [
     "METHODS",
@@ -43,6 +43,7 @@ __all__ = [
     "new_model",
     "parse_forget",
     "percentile",
+    "PTNWalk",
     "ptn_schedule",
     "run_method",
     "save_importance",

@@ -14,9 +14,11 @@ The schedule walks from the least aggressive dampening towards more aggressive o
    phase can reach them. Its last step dampens nearly everything, so every target is reachable.
 
 Steps with the same (alpha, lambda) as an earlier step are dropped (they would give the same
-model). The answer is the first step whose forget-set accuracy is <= the target. Every step
-depends only on the original model and the two importances, so steps can be evaluated in any
-order or in parallel; `first_meeting` picks the same answer as the sequential loop.
+model). The answer is the first step whose forget-set accuracy is <= the target; when that is
+step 0 the walk goes back below it (`PTNWalk`: doubling, then bisection on the ladder), so the
+answer does not depend on where the schedule starts. Every step depends only on the original
+model and the two importances, so steps can be evaluated in any order or in parallel; the
+in-process loop and the parallel walk drive the same `PTNWalk` and take the same answer.
 """
 
 from __future__ import annotations
@@ -79,6 +81,10 @@ class PTNConfig:
     max_steps: int = 500  # alpha-phase steps at most
     start_divisor: float = 25.0  # s_0 = |D_f| / N / start_divisor; larger starts gentler
     min_lambda: float = 1e-3  # where the lambda and threshold phases stop
+    walk_back: bool = True  # step 0 already meets: walk below it to the least aggressive meeting step
+    refine: bool = True  # then, among meeting steps at other lambdas, keep the most retained accuracy
+    refine_keep: tuple[float, ...] = (0.25, 0.5)  # refinement's lambdas: keep x the answer's alpha
+    retain_sample: int = 2000  # retained rows (seeded sample) refinement scores each candidate on
     chunk_size: int = 1  # steps per lockstep round of a search's actors (the parallel walk only)
     poison_rho: float = 0.1  # poison requests' default rho (the paper sweeps 0 ... 0.75)
 
@@ -98,6 +104,20 @@ class PTNConfig:
 PTN_DEFAULTS = PTNConfig()
 
 
+def sorted_ratios_of(full_importance: dict[str, Tensor], forget_importance: dict[str, Tensor]) -> Tensor:
+    ratios = importance_ratios(full_importance, forget_importance)
+    if ratios.numel() == 0:
+        raise UserError("no finite importance ratios: the forget-set importance is all zero")
+    return torch.sort(ratios).values
+
+
+def ladder_step(sorted_ratios: Tensor, s0: float, growth: float, k: int) -> Step:
+    """Alpha-phase step k of the ladder s_k = s_0 * growth^k; k < 0 is gentler than the start."""
+    s = s0 * growth**k
+    p = max(0.0, 100.0 - math.log(1.0 + 100.0 * s))
+    return Step(k, percentile_of_sorted(sorted_ratios, p), 1.0, s, p)
+
+
 def ptn_schedule(
     full_importance: dict[str, Tensor],
     forget_importance: dict[str, Tensor],
@@ -105,11 +125,14 @@ def ptn_schedule(
     config: PTNConfig = PTN_DEFAULTS,
     lambda_phase: bool = True,
 ) -> list[Step]:
+    """The forward schedule: step 0 at s_0, then ever more aggressive (the module docstring)."""
+    return _forward_schedule(sorted_ratios_of(full_importance, forget_importance), forget_fraction, config,
+                             lambda_phase)
+
+
+def _forward_schedule(sorted_ratios: Tensor, forget_fraction: float, config: PTNConfig,
+                      lambda_phase: bool = True) -> list[Step]:
     config.check()
-    ratios = importance_ratios(full_importance, forget_importance)
-    if ratios.numel() == 0:
-        raise UserError("no finite importance ratios: the forget-set importance is all zero")
-    sorted_ratios = torch.sort(ratios).values
     adaptive_percentile(forget_fraction)  # validates the fraction
     growth, min_lambda = config.growth, config.min_lambda
     steps: list[Step] = []
@@ -120,14 +143,12 @@ def ptn_schedule(
             seen.add((alpha, lam))
             steps.append(Step(len(steps), alpha, lam, s, p))
 
-    s = forget_fraction / config.start_divisor
-    for _ in range(config.max_steps):
-        p = max(0.0, 100.0 - math.log(1.0 + 100.0 * s))
-        alpha = percentile_of_sorted(sorted_ratios, p)
-        if alpha <= 1.0:
+    s0 = forget_fraction / config.start_divisor
+    for k in range(config.max_steps):
+        step = ladder_step(sorted_ratios, s0, growth, k)
+        if step.alpha <= 1.0:
             break
-        add(alpha, 1.0, s, p)
-        s *= growth
+        add(step.alpha, 1.0, step.s, step.percentile)
     if lambda_phase:
         lam = 1.0
         while lam / growth >= min_lambda:
@@ -147,64 +168,216 @@ def dampened_copy(model: nn.Module, full_importance, forget_importance, step: St
     return new_model
 
 
-def first_meeting(results: list[tuple[Step, float]], target: float) -> Step | None:
-    """The lowest-index step whose accuracy is <= target (results may be in any order)."""
-    meeting = [step for step, acc in results if acc <= target]
-    return min(meeting, key=lambda step: step.index) if meeting else None
+class LadderBoundary:
+    """The least aggressive step of the ladder (at one lambda) that meets the target.
+
+    From `start` the search doubles its stride away from it (gentler while steps meet, more
+    aggressive while they miss) until the outcome flips, then bisects between the last miss
+    and the first meeting index: about 2 log2(distance) evaluations. `lowest` is a ladder index
+    gentle enough to dampen nothing, `highest` the most aggressive one the walk allows. The
+    answer is a meeting step whose gentler neighbour misses: the least aggressive meeting step
+    when forget accuracy falls monotonically along the ladder.
+    """
+
+    def __init__(self, ladder: Callable[[int, float], Step], lam: float, start: int, lowest: int, highest: int,
+                 target: float):
+        self.ladder, self.lam, self.start, self.target = ladder, lam, start, target
+        self.lowest, self.highest = lowest, highest
+        self.accuracy: dict[int, float] = {}
+        self.steps: dict[int, Step] = {}
+
+    def record(self, step: Step, accuracy: float) -> None:
+        self.steps[step.index], self.accuracy[step.index] = step, accuracy
+
+    def next_index(self) -> int | None:
+        if not self.accuracy:
+            return self.start
+        meeting = [k for k, acc in self.accuracy.items() if acc <= self.target]
+        if meeting:
+            first = min(meeting)
+            misses = [k for k in self.accuracy if k < first]
+            if misses:
+                return None if first - max(misses) <= 1 else (max(misses) + first) // 2
+            if first <= self.lowest:
+                return None  # even the gentlest step meets
+            return max(self.lowest, self.start - max(1, 2 * (self.start - first)))
+        last = max(self.accuracy)
+        if last >= self.highest:
+            return None  # no step of this ladder meets
+        return min(self.highest, self.start + max(1, 2 * (last - self.start)))
+
+    def pending(self) -> list[Step]:
+        index = self.next_index()
+        return [] if index is None else [self.ladder(index, self.lam)]
+
+    def answer(self) -> Step | None:
+        meeting = [k for k, acc in self.accuracy.items() if acc <= self.target]
+        return self.steps[min(meeting)] if meeting else None
+
+
+GENTLEST = -1024  # s_0 / 1.1^1024 ~ 0: p = 100, alpha = the largest ratio, nothing is dampened
+
+
+class PTNWalk:
+    """The walk as a state machine that every executor drives the same way.
+
+    `pending()` gives the next steps to evaluate on D_f (in any order, or in parallel);
+    `record()` takes their accuracies; when `pending()` is empty, `result()` is the answer.
+    Both the in-process loop and the parallel walk on Ray drive it, so they take the same
+    decisions from the same accuracies and return the same answer.
+
+    Forward: the schedule's steps in order (`chunk` at a time) until one meets the target.
+    Walk back (`config.walk_back`): if the very first step already meets it, the start was too
+    aggressive for this model, so a `LadderBoundary` follows the ladder below step 0 (index -j
+    is s_0 / growth^j) to the least aggressive meeting step.
+    """
+
+    def __init__(self, full_importance, forget_importance, forget_fraction: float, target: float,
+                 config: PTNConfig = PTN_DEFAULTS, lambda_phase: bool = True):
+        self.ratios = sorted_ratios_of(full_importance, forget_importance)
+        self.schedule = _forward_schedule(self.ratios, forget_fraction, config, lambda_phase)
+        self.s0, self.config, self.target = forget_fraction / config.start_divisor, config, target
+        self.accuracy: dict[int, float] = {}  # step index -> forget accuracy
+        self.steps: dict[int, Step] = {}
+        self._known: dict[tuple[float, float], float] = {}  # (alpha, lambda) -> accuracy
+        self.back: LadderBoundary | None = None
+
+    def ladder(self, k: int, lam: float = 1.0) -> Step:
+        step = ladder_step(self.ratios, self.s0, self.config.growth, k)
+        return Step(k, step.alpha, lam, step.s, step.percentile)
+
+    def ladder_index(self, step: Step) -> int:
+        return round(math.log(step.s / self.s0) / math.log(self.config.growth))
+
+    def highest(self) -> int:
+        """The ladder index of the most aggressive alpha-phase step."""
+        return max((self.ladder_index(step) for step in self.schedule if step.s is not None), default=0)
+
+    def record(self, step: Step, accuracy: float) -> None:
+        self.steps[step.index], self.accuracy[step.index] = step, accuracy
+        self._known[(step.alpha, step.lam)] = accuracy
+        if step.index < 0:
+            self.back.record(step, accuracy)
+
+    def answer_index(self) -> int | None:
+        meeting = [i for i in self.accuracy if self.accuracy[i] <= self.target]
+        return min(meeting) if meeting else None
+
+    def pending(self, chunk: int = 1) -> list[Step]:
+        while True:
+            steps = self._next(chunk)
+            fresh = [step for step in steps if (step.alpha, step.lam) not in self._known]
+            for step in steps:
+                if step not in fresh:  # the same dampening as an evaluated step: the same model
+                    self.record(step, self._known[(step.alpha, step.lam)])
+            if fresh or not steps:
+                return fresh
+
+    def _next(self, chunk: int) -> list[Step]:
+        answer = self.answer_index()
+        if answer is None:
+            done = max(self.accuracy, default=-1) + 1
+            return self.schedule[done : done + chunk]
+        if answer > 0 or not self.config.walk_back or self.schedule[0].s is None:
+            return []
+        if self.back is None:
+            self.back = LadderBoundary(self.ladder, 1.0, 0, GENTLEST, 0, self.target)
+            self.back.record(self.steps[0], self.accuracy[0])
+        return self.back.pending()
+
+    def result(self) -> SearchResult:
+        """The answer and its path: every evaluated step up to the answer, gentlest first."""
+        answer = self.answer_index()  # forward steps a chunk evaluated past the answer are left out
+        limit = max(answer, 0) if answer is not None else max(self.accuracy, default=-1)
+        path = [(self.steps[i], self.accuracy[i]) for i in sorted(self.accuracy) if i <= limit]
+        return SearchResult(self.steps[answer] if answer is not None else None, self.target, path)
+
+
+class Refinement:
+    """Retained damage as part of the answer (docs/methods.md#ptn-search, "Refinement").
+
+    The walk's answer (alpha*, lambda = 1) shrinks every selected parameter to at most
+    1 / alpha* of its value: near zero when alpha* is large. With lambda = keep * alpha* a
+    selected parameter keeps up to `keep` of its value (beta = min(lambda / r, 1)), so a gentler
+    shrink of more parameters; for each `config.refine_keep` a `LadderBoundary` finds that
+    lambda's least aggressive meeting step from the answer's ladder index. The boundaries
+    advance together, so a parallel executor evaluates their probes in one round. `choose()`
+    scores every candidate's retained accuracy and keeps the best; ties keep the walk's answer.
+    """
+
+    def __init__(self, walk: PTNWalk, answer: Step | None):
+        self.answer = answer
+        alpha_phase = answer is not None and answer.s is not None
+        keep = walk.config.refine_keep if walk.config.refine and alpha_phase else ()
+        lambdas = sorted({share * answer.alpha for share in keep} - {answer.lam}) if keep else []
+        start = walk.ladder_index(answer) if alpha_phase else 0
+        self.boundaries = {
+            lam: LadderBoundary(walk.ladder, lam, start, GENTLEST, walk.highest(), walk.target) for lam in lambdas
+        }
+
+    def pending(self, chunk: int = 1) -> list[Step]:
+        return [step for boundary in self.boundaries.values() for step in boundary.pending()]
+
+    def record(self, step: Step, accuracy: float) -> None:
+        self.boundaries[step.lam].record(step, accuracy)
+
+    def candidates(self) -> list[Step]:
+        found = [boundary.answer() for boundary in self.boundaries.values()]
+        return [self.answer] + [step for step in found if step is not None] if self.answer else []
+
+    def choose(self, retain_accuracy: Callable[[Step], float]) -> tuple[Step | None, list[dict]]:
+        """(the candidate with the best retained accuracy, every candidate's scores)."""
+        scored = [(step, retain_accuracy(step)) for step in self.candidates()] if self.boundaries else []
+        if not scored:
+            return self.answer, []
+        best = max(scored, key=lambda pair: pair[1])[0]  # max keeps the first of equals: the answer
+        return best, [{**step.to_dict(), "retain_acc": acc, "chosen": step == best} for step, acc in scored]
+
+    def path(self) -> list[dict]:
+        return [{**boundary.steps[k].to_dict(), "forget_acc": acc}
+                for boundary in self.boundaries.values() for k, acc in sorted(boundary.accuracy.items())]
+
+
+def drive(machine, evaluate: Callable[[list[Step]], list[float]], chunk: int = 1) -> None:
+    """Evaluate what `machine` (a PTNWalk or a Refinement) asks for until it asks for nothing."""
+    while steps := machine.pending(chunk):
+        for step, acc in zip(steps, evaluate(steps), strict=True):
+            machine.record(step, acc)
+
+
+def ptn_search(
+    walk: PTNWalk, evaluate: Callable[[list[Step]], list[float]], retain_accuracy: Callable[[Step], float],
+    chunk: int = 1,
+) -> tuple[SearchResult, Step | None, dict]:
+    """The walk, then its refinement: (the walk's result, the step to apply, details)."""
+    drive(walk, evaluate, chunk)
+    result = walk.result()
+    refinement = Refinement(walk, result.step)
+    drive(refinement, evaluate)
+    chosen, scores = refinement.choose(retain_accuracy)
+    return result, chosen, {"refinement": refinement.path(), "candidates": scores}
 
 
 def sequential_search(
     model: nn.Module,
     full_importance: dict[str, Tensor],
     forget_importance: dict[str, Tensor],
-    schedule: list[Step],
+    walk: PTNWalk,
     forget_accuracy: Callable[[nn.Module], float],
-    target: float,
     on_step: Callable[[Step, float], None] | None = None,
 ) -> SearchResult:
-    """The reference loop: evaluate steps in order, stop at the first that meets the target."""
-    path: list[tuple[Step, float]] = []
-    for step in schedule:
-        acc = forget_accuracy(dampened_copy(model, full_importance, forget_importance, step))
-        path.append((step, acc))
-        log.debug("PTN step %d: alpha %.4g, lambda %.4g -> forget accuracy %.4f (target %.4f)",
-                  step.index, step.alpha, step.lam, acc, target)
-        if on_step is not None:
-            on_step(step, acc)
-        if acc <= target:
-            return SearchResult(step, target, path)
-    return SearchResult(None, target, path)
+    """The reference loop: drive `walk` one step at a time, in this process."""
 
+    def evaluate(steps: list[Step]) -> list[float]:
+        accuracies = []
+        for step in steps:
+            acc = forget_accuracy(dampened_copy(model, full_importance, forget_importance, step))
+            log.debug("PTN step %d: alpha %.4g, lambda %.4g -> forget accuracy %.4f (target %.4f)",
+                      step.index, step.alpha, step.lam, acc, walk.target)
+            if on_step is not None:
+                on_step(step, acc)
+            accuracies.append(acc)
+        return accuracies
 
-def forget_target(
-    request_kind: str,
-    original_test_acc: float | None = None,
-    original_forget_acc: float | None = None,
-    rho: float | None = None,
-) -> float:
-    """What retraining would give, per kind of request (docs/methods.md#forget-targets).
-
-    whole class -> near 0 (CLASS_TARGET); random samples and sub-classes -> the model's
-    accuracy on data it never saw (its test accuracy on the forget set's class mix, fine
-    classes for a sub-class, computed by the caller: a model retrained without a sub-class
-    still recognises its coarse class through the siblings); poison -> rho * A_0.
-    """
-    if rho is not None:
-        if original_forget_acc is None:
-            raise ValueError("a rho target needs the original forget-set accuracy")
-        return rho * original_forget_acc
-    if request_kind == "class":
-        return CLASS_TARGET
-    if original_test_acc is None:
-        raise ValueError("a random-sample target needs the original test accuracy")
-    return original_test_acc
-
-
-CLASS_TARGET = 0.01
-
-
-def request_rho(request_kind: str, rho: float | None) -> float | None:
-    """The rho a request uses: the given one, else PTNConfig.poison_rho for poison requests."""
-    if rho is None and request_kind == "poison":
-        return PTN_DEFAULTS.poison_rho
-    return rho
+    drive(walk, evaluate)
+    return walk.result()

@@ -20,7 +20,8 @@ from unlearning.checkpoint import all_finite, model_meta
 from unlearning.evaluation import evaluate_model
 
 # importance kind each method reads (docs/methods.md#importance); the others read none
-KIND = {"ssd": "fisher", "lfssd": "l2", "assd": "fisher", "potion_step": "l2_norm", "ptn": "fisher", "potion": "l2_norm"}
+KIND = {"ssd": "fisher", "lfssd": "l2", "assd": "fisher", "potion_step": "l2_norm", "ptn": "fisher", "potion": "l2_norm",
+        "ptn_paper": "fisher", "potion_paper": "l2_norm"}
 # One pass over D_r for the fine-tuning baselines (docs/methods.md#baselines; the library
 # defaults are 5 and 3): the original model itself trains for only 3 epochs here (8 at --quick
 # scale), and a baseline that costs more than retraining says nothing. RESULTS.md states it
@@ -71,7 +72,7 @@ def task_settings(scale: Scale, batch_size: int) -> dict:
 
 def method_params(name: str, scale: Scale) -> dict:
     params = dict(FINETUNE_BUDGET.get(name, {}))
-    if name in ("ptn", "potion") and scale.ptn_start_divisor is not None:
+    if name in ("ptn", "potion", "ptn_paper", "potion_paper") and scale.ptn_start_divisor is not None:
         params["start_divisor"] = scale.ptn_start_divisor
     if name == "retrain" and scale.retrain_epochs is not None:
         params["epochs"] = scale.retrain_epochs

@@ -87,7 +87,7 @@ def ptn_speed(result, task, args, scale, fisher) -> None:
     ensure_ray()  # the request's session: started before the timings, as a request has it
     from pipelines.search import SearchConfig
 
-    config = SearchConfig(chunk_size=args.chunk_size)
+    config = SearchConfig(chunk_size=args.chunk_size, refine=False)  # the walk alone, both ways
     if args.ptn_start_divisor is not None:
         config.start_divisor = args.ptn_start_divisor
     ptn, sequential, target = sequential_ptn(task, fisher, config)
@@ -103,13 +103,13 @@ def ptn_speed(result, task, args, scale, fisher) -> None:
 
 def sequential_ptn(task, fisher, config) -> tuple[dict, object, float]:
     """(figures, the search result, the target) of the sequential in-process walk."""
-    from unlearning.search import ptn_schedule, sequential_search
+    from unlearning.search import PTNWalk, sequential_search
 
     forget_importance = task.importance("forget", "fisher")
-    schedule = ptn_schedule(fisher, forget_importance, task.forget_fraction, config.walk())
     target = task.search_target()  # the request kind's (docs/methods.md#forget-targets)
     started = time.perf_counter()
-    found = sequential_search(task.model, fisher, forget_importance, schedule, task.forget_accuracy, target)
+    walk = PTNWalk(fisher, forget_importance, task.forget_fraction, target, config.walk())
+    found = sequential_search(task.model, fisher, forget_importance, walk, task.forget_accuracy)
     seconds = time.perf_counter() - started
     log(f"sequential PTN: {len(found.path)} steps in {seconds:.1f} s")
     figures = {"sequential_seconds": seconds, "steps_to_answer": len(found.path),
@@ -125,7 +125,7 @@ def ray_ptn(task, config, target: float, sequential) -> dict:
 
     parallel, chunk_size = config.parallel, config.chunk_size
     started = time.perf_counter()
-    found, trials = parallel_ptn(task, config, target)
+    found, _, _, trials = parallel_ptn(task, config, target)
     seconds = time.perf_counter() - started
     task.executor.close()  # the next timing starts its actors afresh
     same = found.step == sequential.step and [a for _, a in found.path] == [a for _, a in sequential.path]

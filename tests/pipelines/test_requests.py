@@ -89,13 +89,16 @@ def test_two_requests_in_a_row_give_a_lineage_of_two_versions(tmp_path, capsys, 
     assert f"version 3 removed: {' '.join(second_ids)}" in text
 
 
-@pytest.mark.parametrize("spec, ray_min_rows", [("class:5", 0), ("random:40", 10_000)])
-def test_parallel_ptn_equals_the_sequential_loop(digits_checkpoint, spec, ray_min_rows):
-    """D_f read through Ray Data and evened out across the actors (class:5), or decoded here."""
+@pytest.mark.parametrize("spec, ray_min_rows, start_divisor", [
+    ("class:5", 0, 25.0), ("random:40", 10_000, 25.0), ("class:5", 10_000, 1.0)])
+def test_parallel_ptn_equals_the_sequential_loop(digits_checkpoint, spec, ray_min_rows, start_divisor):
+    """D_f read through Ray Data and evened out across the actors (class:5), or decoded here;
+    a start that already forgets (start_divisor 1) walks back the same way on both."""
     options = ForgetOptions(track=False, device="cpu", ray_min_rows=ray_min_rows)
     prepared = prepare_request(str(digits_checkpoint), "digits", spec, options)
-    task = prepared.task
-    assert_parallel_ptn_is_the_sequential_walk(task, SearchConfig(chunk_size=3, parallel=2))
+    config = SearchConfig(chunk_size=3, parallel=2, start_divisor=start_divisor)
+    trials = assert_parallel_ptn_is_the_sequential_walk(prepared.task, config)
+    assert (min(int(t["params"]["step"]) for t in trials) < 0) == (start_divisor == 1.0)
 
 
 def test_ray_workers_run_at_the_drivers_priority():
@@ -138,10 +141,14 @@ def test_search_command_with_tpe_logs_each_trial_as_a_nested_run(tmp_path, capsy
     assert all("retain_acc" in child.data.metrics for child in children)
 
 
-def test_bad_search_config_is_refused(tmp_path, capsys, digits_checkpoint):
+@pytest.mark.parametrize("text, message", [
+    ("search: ptn\nchunks: 3\n", "unknown setting 'chunks'"),
+    ("search: ptn\nrefine: 2\n", "refine must be true or false, got 2"),
+])
+def test_bad_search_config_is_refused(tmp_path, capsys, digits_checkpoint, text, message):
     config = tmp_path / "bad.yaml"
-    config.write_text("search: ptn\nchunks: 3\n")
+    config.write_text(text)
     code = main(["--quiet", "search", "--model", str(digits_checkpoint), "--data", "digits", "--forget", "class:2",
                  "--search", str(config), "--out", str(tmp_path / "run")])
-    assert code == 2 and "unknown setting 'chunks'" in capsys.readouterr().err
+    assert code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import random
 
 import pytest
 import torch
@@ -13,7 +12,16 @@ from tests.conftest import assert_state_equal, state_copy
 from unlearning.checkpoint import model_meta
 from unlearning.data import split_forget
 from unlearning.metrics import accuracy
-from unlearning.search import PTNConfig, first_meeting, ptn_schedule, sequential_search
+from unlearning.search import (
+    PTNConfig,
+    PTNWalk,
+    Step,
+    dampened_copy,
+    ladder_step,
+    ptn_schedule,
+    ptn_search,
+    sequential_search,
+)
 from unlearning.training import TrainConfig
 
 
@@ -150,18 +158,68 @@ def test_a_larger_start_divisor_starts_gentler_and_bad_ones_are_refused(digits, 
     assert unlearning.get_method("ptn").defaults["start_divisor"] == 25.0  # docs/methods.md#ptn-search
 
 
-def test_steps_evaluated_in_any_order_give_the_sequential_answer(digits, digits_model):
+def _walk(task, full, forget, **settings):
+    walk = PTNWalk(full, forget, task.forget_fraction, 0.01, PTNConfig(**settings))
+    return sequential_search(task.model, full, forget, walk, task.forget_accuracy), walk
+
+
+def test_a_start_that_already_forgets_walks_back_to_the_least_aggressive_meeting_step(digits, digits_model):
+    """s_0 = 5 |D_f| / N (start_divisor 0.2) over-dampens: the walk doubles back below step 0 and
+    bisects; the answer meets the target, its gentler ladder neighbour misses, and it lands
+    where the forward walk from the paper's start lands, to within one growth factor in s
+    (both bracket the same threshold, when accuracy falls monotonically along the ladder)."""
     task = make_task(digits, digits_model, "class:5")
     full, forget = task.importance("full", "fisher"), task.importance("forget", "fisher")
-    schedule = ptn_schedule(full, forget, task.forget_fraction)
-    sequential = sequential_search(digits_model, full, forget, schedule, task.forget_accuracy, 0.01)
-    assert sequential.reached
-    window = schedule[: sequential.step.index + 8]
-    from unlearning.search import dampened_copy
+    forward, _ = _walk(task, full, forget)
+    assert forward.reached and forward.step.index > 0 and forward.step.s is not None
+    back, walk = _walk(task, full, forget, start_divisor=0.2)
+    accuracy = dict((step.index, acc) for step, acc in back.path)
+    assert accuracy[0] <= 0.01 and back.step.index < -8  # 1.1^17 ~ 5: about 17 steps back
+    assert accuracy[back.step.index] <= 0.01 and accuracy[back.step.index - 1] > 0.01
+    indices = sorted(accuracy)
+    assert len(indices) <= 2 * math.log2(-indices[0]) + 2  # doubling, then bisection: 11 here
+    assert 1 / 1.1 < back.step.s / forward.step.s < 1.1
+    neighbour = ladder_step(walk.ratios, walk.s0, 1.1, back.step.index - 1)
+    assert task.forget_accuracy(dampened_copy(digits_model, full, forget, neighbour)) > 0.01
 
-    results = [(s, task.forget_accuracy(dampened_copy(digits_model, full, forget, s))) for s in window]
-    random.Random(0).shuffle(results)
-    assert first_meeting(results, 0.01) == sequential.step
+    paper, _ = _walk(task, full, forget, start_divisor=0.2, walk_back=False)
+    assert paper.step.index == 0 and [step.index for step, _ in paper.path] == [0]
+
+
+def test_refinement_offers_one_meeting_step_per_lambda_and_keeps_the_best_retained(digits, digits_model):
+    """Candidates: the walk's answer and, per keep in (0.25, 0.5), the least aggressive meeting
+    step at lambda = keep x alpha*; each meets the target and its gentler ladder neighbour at
+    that lambda misses. The retained score decides; ties keep the walk's answer."""
+    task = make_task(digits, digits_model, "class:5")
+    full, forget = task.importance("full", "fisher"), task.importance("forget", "fisher")
+
+    def evaluate(steps):
+        return [task.forget_accuracy(dampened_copy(digits_model, full, forget, step)) for step in steps]
+
+    walk = PTNWalk(full, forget, task.forget_fraction, 0.01)
+    result, chosen, details = ptn_search(walk, evaluate, lambda step: 1.0)
+    assert chosen == result.step and result.step.lam == 1.0  # a tie keeps the walk's answer
+    candidates = [Step(**{k: c[k] for k in ("index", "alpha", "lam", "s", "percentile")})
+                  for c in details["candidates"]]
+    assert candidates[0] == result.step and len(candidates) >= 2  # keep 0.5 may never meet
+    assert [c.lam for c in candidates[1:]] == pytest.approx([0.25 * chosen.alpha, 0.5 * chosen.alpha][: len(candidates) - 1])
+    for step in candidates[1:]:
+        assert step.alpha <= chosen.alpha  # shrinking each parameter less needs more of them
+        gentler = walk.ladder(step.index - 1, step.lam)
+        assert evaluate([step])[0] <= 0.01 < evaluate([gentler])[0]
+    again = PTNWalk(full, forget, task.forget_fraction, 0.01)
+    _, preferred, _ = ptn_search(again, evaluate, lambda step: step.lam)  # a score that likes large lambda
+    assert preferred == candidates[-1]
+
+
+def test_the_walk_stops_going_back_at_the_gentlest_step(digits, digits_model):
+    """A target the untouched model already meets: the walk goes back until the step that
+    dampens nothing (alpha = the largest ratio) and answers it, instead of looping."""
+    task = make_task(digits, digits_model, "class:5")
+    full, forget = task.importance("full", "fisher"), task.importance("forget", "fisher")
+    walk = PTNWalk(full, forget, task.forget_fraction, 1.0, PTNConfig(start_divisor=1))
+    result = sequential_search(digits_model, full, forget, walk, task.forget_accuracy)
+    assert result.step.alpha == float(walk.ratios[-1]) and len(result.path) <= 13
 
 
 def test_store_derived_retain_importance_is_exact_in_per_sample_mode(digits, digits_model):

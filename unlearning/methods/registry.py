@@ -106,6 +106,10 @@ def _check_value(method: str, key: str, value, kind: type | None) -> None:
             allowed = f"one of {', '.join(CHOICES[key])}" if key in CHOICES else "a string"
             raise UserError(f"{where} must be {allowed}, got {value!r}")
         return
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"{where} must be true or false, got {value!r}")
+        return
     if kind not in (int, float):
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):

@@ -9,8 +9,9 @@ from unlearning.methods.task import UnlearningTask
 from unlearning.search import (
     PTN_DEFAULTS,
     PTNConfig,
-    ptn_schedule,
-    sequential_search,
+    PTNWalk,
+    dampened_copy,
+    ptn_search,
 )
 
 
@@ -55,7 +56,8 @@ def potion_step_method(task: UnlearningTask, lam: float) -> MethodOutput:
 
 
 # The walk's settings a request may override; their defaults live in PTNConfig alone.
-WALK = {key: getattr(PTN_DEFAULTS, key) for key in ("growth", "max_steps", "start_divisor")}
+WALK = {key: getattr(PTN_DEFAULTS, key) for key in ("growth", "max_steps", "start_divisor", "walk_back", "refine")}
+PAPER = {"walk_back": False, "refine": False}  # the papers' walk: forward from s_0 only
 
 
 @register_method("ptn", kind="fisher", reference="full", target=None, rho=None, **WALK)
@@ -68,8 +70,11 @@ def ptn_method(
     growth: float,
     max_steps: int,
     start_divisor: float,
+    walk_back: bool,
+    refine: bool,
 ) -> MethodOutput:
-    """PTN-style search: the least aggressive dampening that brings D_f accuracy to the target.
+    """PTN-style search: the least aggressive dampening that brings D_f accuracy to the target,
+    walking back when the first step already meets it, then refined for retained accuracy.
 
     `start_divisor` sets s_0 = |D_f| / N / start_divisor (default in PTNConfig); larger starts gentler.
     """
@@ -78,30 +83,56 @@ def ptn_method(
     rho, target = task.search_rho(rho), task.search_target(target, rho)
     full = task.importance(reference, kind)
     forget = task.importance("forget", kind)
-    walk = PTNConfig(growth=growth, max_steps=max_steps, start_divisor=start_divisor)
-    schedule = ptn_schedule(full, forget, task.forget_fraction, walk)
-    on_step = None
-    if task.progress is not None:
-        def on_step(step, acc):  # noqa: E306 - a one-line progress hook
-            task.progress({"step": step.index, "forget_acc": acc})
-    result = sequential_search(task.model, full, forget, schedule, task.forget_accuracy, target, on_step)
-    chosen = result.step or result.path[-1][0]
+    config = PTNConfig(growth=growth, max_steps=max_steps, start_divisor=start_divisor, walk_back=walk_back,
+                       refine=refine)
+    walk = PTNWalk(full, forget, task.forget_fraction, target, config)
+
+    def evaluate(steps):
+        accuracies = [task.forget_accuracy(dampened_copy(task.model, full, forget, step)) for step in steps]
+        for step, acc in zip(steps, accuracies):
+            if task.progress is not None:
+                task.progress({"step": step.index, "forget_acc": acc})
+        return accuracies
+
+    sample = task.retain_sample(config.retain_sample)
+    result, chosen, details = ptn_search(
+        walk, evaluate, lambda step: task.accuracy(dampened_copy(task.model, full, forget, step), sample)
+    )
+    chosen = chosen or result.path[-1][0]
     output = _fixed(task, kind, reference, chosen.alpha, chosen.lam)
     output.params.update({"target": target, "rho": rho, "reference": reference, "step": chosen.index})
     output.details.update(
         {
             "reached": result.reached,
-            "schedule_length": len(schedule),
+            "schedule_length": len(walk.schedule),
             "path": [{**step.to_dict(), "forget_acc": acc} for step, acc in result.path],
+            **details,
         }
     )
     return output
 
 
+@register_method("ptn_paper", kind="fisher", reference="full", target=None, rho=None, growth=PTN_DEFAULTS.growth,
+                 max_steps=PTN_DEFAULTS.max_steps, start_divisor=PTN_DEFAULTS.start_divisor)
+def ptn_paper_method(task: UnlearningTask, kind: str, reference: str, target: float | None, rho: float | None,
+                     growth: float, max_steps: int, start_divisor: float) -> MethodOutput:
+    """The PTN walk as the Potion paper runs it: forward from s_0, no walk back, no refinement."""
+    return ptn_method(task, kind, reference, target, rho, growth, max_steps, start_divisor, **PAPER)
+
+
 @register_method("potion", target=None, rho=None, **WALK)
 def potion_method(
     task: UnlearningTask, target: float | None, rho: float | None, growth: float, max_steps: int,
-    start_divisor: float,
+    start_divisor: float, walk_back: bool, refine: bool,
 ) -> MethodOutput:
-    """Potion as in its paper: l2-norm importance, I^D on D_r, the PTN walk to rho x A_0 (poison)."""
-    return ptn_method(task, "l2_norm", "retain", target, rho, growth, max_steps, start_divisor)
+    """Potion: l2-norm importance, I^D on D_r, the PTN walk to rho x A_0 (poison), with this
+    project's walk back and refinement (`potion_paper` without them)."""
+    return ptn_method(task, "l2_norm", "retain", target, rho, growth, max_steps, start_divisor, walk_back, refine)
+
+
+@register_method("potion_paper", target=None, rho=None, growth=PTN_DEFAULTS.growth, max_steps=PTN_DEFAULTS.max_steps,
+                 start_divisor=PTN_DEFAULTS.start_divisor)
+def potion_paper_method(task: UnlearningTask, target: float | None, rho: float | None, growth: float,
+                        max_steps: int, start_divisor: float) -> MethodOutput:
+    """Potion exactly as in its paper: l2-norm importance, I^D on D_r, the forward PTN walk."""
+    return ptn_method(task, "l2_norm", "retain", target, rho, growth, max_steps, start_divisor, **PAPER)

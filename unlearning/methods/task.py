@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from unlearning.data import Dataset, ForgetSet, Split
 from unlearning.passes import LocalExecutor
-from unlearning.search import forget_target, request_rho
+from unlearning.targets import forget_target, request_rho
 from unlearning.training import TrainConfig
 
 
@@ -144,6 +144,15 @@ class UnlearningTask:
             original_forget_acc=self.original_accuracy("forget") if rho is not None else None,
             rho=rho,
         )
+
+    def retain_sample(self, size: int) -> Split:
+        """`size` retained rows drawn with the task's seed (all of them if fewer), the same each call."""
+        key = ("retain_sample", size)
+        if key not in self.cache:
+            generator = torch.Generator().manual_seed(self.seed)
+            picks = torch.randperm(len(self.retain_split), generator=generator)[:size]
+            self.cache[key] = self.retain_split.subset(picks.sort().values)
+        return self.cache[key]
 
     def forget_accuracy(self, model: nn.Module) -> float:
         return self.accuracy(model, self.forget_split)
