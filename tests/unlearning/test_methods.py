@@ -316,8 +316,8 @@ def _weights(model) -> torch.Tensor:
 def test_jit_accumulates_gradients_as_its_authors_do_and_caps_each_update(digits, digits_model):
     """The authors' loop never zeroes gradients, so step t moves along the sum of the first t
     batches' gradients: with the cap out of reach, the accumulated run moves further than the
-    per-batch one. A step size that would blow the weights up is capped at `trust` x ||theta||
-    per step, so the whole pass moves them by at most steps x trust x ||theta|| (to first order)."""
+    per-batch one. A step size that would blow the weights up is capped so that the whole pass
+    of B steps moves them by at most trust x ||theta_0|| (each step by a B-th of it)."""
     task = make_task(digits, digits_model, "class:3")
     original = _weights(digits_model)
     moved = {}
@@ -332,7 +332,7 @@ def test_jit_accumulates_gradients_as_its_authors_do_and_caps_each_update(digits
     wild = unlearning.run_method("jit", task, lr=1e6, trust=1e-3)
     assert wild.details["capped_steps"] == steps
     change = float((_weights(wild.model) - original).norm())
-    assert 0 < change <= steps * 1e-3 * float(original.norm()) * 1.01
+    assert 0.5e-3 * float(original.norm()) < change <= 1e-3 * float(original.norm()) * (1 + 1e-6)
     assert all(torch.isfinite(p).all() for p in wild.model.parameters())
 
 
@@ -352,15 +352,16 @@ def test_jit_flattens_the_model_around_the_forget_samples_and_picks_defaults_by_
         with torch.no_grad():
             return lipschitz_ratio(model(inputs), model(noisy), inputs, noisy).mean().item()
 
-    output = unlearning.run_method("jit", task, lr=0.01)
-    assert output.params == {"sigma": 0.5, "lr": 0.01, "copies": 25, "accumulate": True, "trust": 1e-2}
+    output = unlearning.run_method("jit", task, lr=0.01, trust=0.05)
+    assert output.params == {"sigma": 0.5, "lr": 0.01, "copies": 25, "accumulate": True, "trust": 0.05}
+    assert unlearning.get_method("jit").defaults["trust"] == 0.005  # docs/methods.md#jit
     assert all(torch.isfinite(p).all() for p in output.model.parameters())
-    # The objective is the Lipschitz ratio on D_f: held-out noise sees it fall (~8 % in the
-    # 3 steps the 1 % cap allows).
+    # The objective is the Lipschitz ratio on D_f: held-out noise sees it fall (the pass may
+    # move the weights by 5 % of their norm).
     before, after = mean_ratio(digits_model), mean_ratio(output.model)
     assert output.details["capped_steps"] == 3 and after < 0.95 * before, (before, after)
     # ... and an SGD step of 0 changes nothing (the method itself; run_method refuses lr=0).
-    still = unlearning.get_method("jit").fn(task, sigma=None, lr=0.0, copies=25, accumulate=True, trust=1e-2).model
+    still = unlearning.get_method("jit").fn(task, sigma=None, lr=0.0, copies=25, accumulate=True, trust=0.05).model
     assert_state_equal(still, state_copy(digits_model))
     with pytest.raises(unlearning.UserError, match="parameter lr must be a finite number > 0, got 0.0"):
         unlearning.run_method("jit", task, lr=0.0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 
@@ -32,14 +33,15 @@ def lipschitz_ratio(outputs: torch.Tensor, noisy_outputs: torch.Tensor, inputs: 
     return output_change / input_change
 
 
-@register_method("jit", own_loop=True, sigma=None, lr=None, copies=25, accumulate=True, trust=1e-2)
+@register_method("jit", own_loop=True, sigma=None, lr=None, copies=25, accumulate=True, trust=0.005)
 def jit_method(
     task: UnlearningTask, sigma: float | None, lr: float | None, copies: int, accumulate: bool, trust: float
 ) -> MethodOutput:
     """JiT: one SGD pass over D_f that flattens the model around each forget sample.
 
     As in the authors' code, gradients accumulate across batches (`accumulate`; false zeroes
-    them per batch). Each update is capped at `trust` x the weights' norm (docs/methods.md#jit).
+    them per batch). The whole pass moves the weights by at most `trust` x their norm: each of
+    its B updates is capped at trust x ||theta_0|| / B (docs/methods.md#jit).
     """
     default_sigma, default_lr = jit_defaults(model_meta(task.model)["arch"], task.forget.kind)
     sigma = default_sigma if sigma is None else sigma
@@ -47,6 +49,9 @@ def jit_method(
     model = copy.deepcopy(task.model).to(task.device)
     model.eval()  # BatchNorm keeps its running statistics, as in the importance passes
     params = [p for p in model.parameters() if p.requires_grad]
+    batches = math.ceil(len(task.forget_split) / task.batch_size)
+    with torch.no_grad():
+        budget = trust * float(torch.linalg.vector_norm(torch.stack([p.double().norm() for p in params]))) / batches
     generator = torch.Generator(device=task.device).manual_seed(task.seed)
     capped = steps = 0
     for inputs, _ in task.batches(task.forget_split):
@@ -64,16 +69,15 @@ def jit_method(
             model.zero_grad(set_to_none=True)
         (loss / copies).backward()
         steps += 1
-        capped += capped_step_(params, lr, trust)
+        capped += capped_step_(params, lr, budget)
     return MethodOutput(model.cpu(), {"sigma": sigma, "lr": lr, "copies": copies, "accumulate": accumulate,
                                       "trust": trust}, {"steps": steps, "capped_steps": capped})
 
 
 @torch.no_grad()
-def capped_step_(params: list[torch.Tensor], lr: float, trust: float) -> bool:
-    """theta <- theta - eta' g with eta' = min(eta, trust * ||theta|| / ||g||) (global norms).
-
-    True if the cap applied. A non-finite gradient leaves the weights as they are.
+def capped_step_(params: list[torch.Tensor], lr: float, max_norm: float) -> bool:
+    """theta <- theta - eta' g with eta' = min(eta, max_norm / ||g||) (global norm): the update's
+    norm is at most `max_norm`. True if the cap applied. A non-finite gradient changes nothing.
     """
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
@@ -81,8 +85,7 @@ def capped_step_(params: list[torch.Tensor], lr: float, trust: float) -> bool:
     grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.double()) for g in grads]))
     if not torch.isfinite(grad_norm) or grad_norm == 0:
         return False
-    weight_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.double()) for p in params]))
-    step = min(lr, trust * float(weight_norm) / float(grad_norm))
+    step = min(lr, max_norm / float(grad_norm))
     for p in params:
         if p.grad is not None:
             p.add_(p.grad, alpha=-step)
