@@ -59,7 +59,7 @@ def search_curve(task: UnlearningTask, report: RequestReport) -> list[dict]:
         return []
     kind, reference = report.params.get("kind", "fisher"), report.params.get("reference", "full")
     full, forget = task.importance(reference, kind), task.importance("forget", kind)
-    chosen = report.params.get("step")
+    chosen = (report.params.get("step"), report.params.get("lambda"))
     picks = sorted(set(np.linspace(0, len(path) - 1, min(len(path), MAX_PATH_POINTS)).round().astype(int).tolist()))
     generator = torch.Generator().manual_seed(0)
     sample = torch.randperm(len(task.retain_split), generator=generator)[:RETAIN_SAMPLE].sort().values
@@ -69,7 +69,7 @@ def search_curve(task: UnlearningTask, report: RequestReport) -> list[dict]:
         entry = path[i]
         step = Step(entry["index"], entry["alpha"], entry["lam"])
         model = dampened_copy(task.model, full, forget, step)
-        curve.append({**entry, "retain_acc": task.accuracy(model, retain), "chosen": entry["index"] == chosen})
+        curve.append({**entry, "retain_acc": task.accuracy(model, retain), "chosen": (entry["index"], entry["lam"]) == chosen})
     return curve
 
 

@@ -203,7 +203,8 @@ def flat_params(report: RequestReport) -> dict:
         **report.params,
     }
     path = report.details.get("path", [])
-    step = next((p for p in path if p["index"] == report.params.get("step")), None)
+    chosen = (report.params.get("step"), report.params.get("lambda"))
+    step = next((p for p in path + report.details.get("refinement", []) if (p["index"], p["lam"]) == chosen), None)
     if step is not None and step.get("s") is not None:
         params["s"] = step["s"]
     return {k: ("" if v is None else v) for k, v in params.items()}

@@ -222,3 +222,22 @@ print(matplotlib.get_backend(), "matplotlib.pyplot" in sys.modules)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["svg", "False"]
     assert (tmp_path / "path.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_walk_back_is_recorded_at_the_step_it_chose(tmp_path, capsys, digits_checkpoint):
+    """start_divisor 0.2 over-forgets at step 0, so the walk goes back below it: the report,
+    the MLflow run's parameters (alpha, lambda, s of the chosen step) and the walk's metric
+    history (at negative ladder steps) all say where it landed."""
+    from mlflow.tracking import MlflowClient
+
+    code, _, err = run(capsys, "forget", "--model", digits_checkpoint, "--data", "digits", "--forget", "class:3",
+                       "--param", "start_divisor=0.2", "--out", tmp_path / "run")
+    assert code == 0, err
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    chosen = next(c for c in report["details"]["candidates"] if c["chosen"])
+    assert report["params"]["step"] == chosen["index"] < 0 and report["params"]["lambda"] == chosen["lam"]
+    client = MlflowClient()
+    params = client.get_run(report["mlflow"]["run_id"]).data.params
+    assert float(params["s"]) == pytest.approx(chosen["s"]) and float(params["alpha"]) == pytest.approx(chosen["alpha"])
+    history = client.get_metric_history(report["mlflow"]["run_id"], "walk/forget_acc")
+    assert sorted(m.step for m in history) == sorted(p["index"] for p in report["details"]["path"])
