@@ -11,7 +11,9 @@ from benchmarks.suites.poison import POISON_METHODS, poison_suite
 from benchmarks.suites.speed import speed_suite
 
 SUITES = ("fullclass", "subclass", "random", "poison", "speed")
-CLASS_METHODS = ["ssd", "lfssd", "assd", "potion_step", "ptn", "jit", "retrain", "finetune", "amnesiac", "bad_teacher"]
+MODERN = ["salun", "scrub", "l1_sparse", "neggrad_plus"]  # today's baselines (docs/methods.md)
+CLASS_METHODS = ["ssd", "lfssd", "assd", "potion_step", "ptn", "jit", "retrain", "finetune", "amnesiac", "bad_teacher",
+                 *MODERN]
 
 
 def run(suite: str, args, scale) -> dict:

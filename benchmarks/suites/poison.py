@@ -12,7 +12,7 @@ from benchmarks.common import Scale, load, log, original_model
 from benchmarks.suites.blocks import Bench, mean, method_row, run_request
 from pipelines.request import poison_outcome
 
-POISON_METHODS = ["potion", "ssd", "retrain", "finetune"]
+POISON_METHODS = ["potion", "ssd", "retrain", "finetune", "salun", "scrub", "l1_sparse", "neggrad_plus"]
 
 
 def poison_suite(args, scale: Scale) -> dict:
