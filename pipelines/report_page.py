@@ -11,7 +11,6 @@ import math
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from pipelines.report import RequestReport
 from pipelines.summary import format_table, report_rows
@@ -61,9 +60,7 @@ def search_curve(task: UnlearningTask, report: RequestReport) -> list[dict]:
     full, forget = task.importance(reference, kind), task.importance("forget", kind)
     chosen = (report.params.get("step"), report.params.get("lambda"))
     picks = sorted(set(np.linspace(0, len(path) - 1, min(len(path), MAX_PATH_POINTS)).round().astype(int).tolist()))
-    generator = torch.Generator().manual_seed(0)
-    sample = torch.randperm(len(task.retain_split), generator=generator)[:RETAIN_SAMPLE].sort().values
-    retain = task.retain_split.subset(sample)
+    retain = task.retain_sample(RETAIN_SAMPLE, seed=0)
     curve = []
     for i in picks:
         entry = path[i]

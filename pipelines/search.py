@@ -275,11 +275,9 @@ def tpe_search(task: UnlearningTask, config: SearchConfig, target: float) -> tup
     ensure_ray()
     full = task.importance(config.reference, config.importance_kind)
     forget = task.importance("forget", config.importance_kind)
-    generator = torch.Generator().manual_seed(config.seed)
-    sample = torch.randperm(len(task.retain_split), generator=generator)[: config.retain_sample]
     trainable = tune.with_parameters(
         _tpe_trial, model=cpu_model(task.model), full=full, forget=forget, forget_split=task.forget_split,
-        retain_split=task.retain_split.subset(sample.sort().values), normalize=task.normalize, target=target,
+        retain_split=task.retain_sample(config.retain_sample, config.seed), normalize=task.normalize, target=target,
     )
     space = {"alpha": tune.loguniform(*config.alpha), "lam": tune.uniform(*config.lam)}
     tune_config = tune.TuneConfig(

@@ -111,11 +111,11 @@ def sorted_ratios_of(full_importance: dict[str, Tensor], forget_importance: dict
     return torch.sort(ratios).values
 
 
-def ladder_step(sorted_ratios: Tensor, s0: float, growth: float, k: int) -> Step:
-    """Alpha-phase step k of the ladder s_k = s_0 * growth^k; k < 0 is gentler than the start."""
+def ladder_step(sorted_ratios: Tensor, s0: float, growth: float, k: int, lam: float = 1.0) -> Step:
+    """Step k of the alpha ladder s_k = s_0 * growth^k (at `lam`); k < 0 is gentler than the start."""
     s = s0 * growth**k
     p = max(0.0, 100.0 - math.log(1.0 + 100.0 * s))
-    return Step(k, percentile_of_sorted(sorted_ratios, p), 1.0, s, p)
+    return Step(k, percentile_of_sorted(sorted_ratios, p), lam, s, p)
 
 
 def ptn_schedule(
@@ -243,8 +243,7 @@ class PTNWalk:
         self.back: LadderBoundary | None = None
 
     def ladder(self, k: int, lam: float = 1.0) -> Step:
-        step = ladder_step(self.ratios, self.s0, self.config.growth, k)
-        return Step(k, step.alpha, lam, step.s, step.percentile)
+        return ladder_step(self.ratios, self.s0, self.config.growth, k, lam)
 
     def ladder_index(self, step: Step) -> int:
         return round(math.log(step.s / self.s0) / math.log(self.config.growth))

@@ -145,11 +145,13 @@ class UnlearningTask:
             rho=rho,
         )
 
-    def retain_sample(self, size: int) -> Split:
-        """`size` retained rows drawn with the task's seed (all of them if fewer), the same each call."""
-        key = ("retain_sample", size)
+    def retain_sample(self, size: int, seed: int | None = None) -> Split:
+        """`size` retained rows drawn with `seed` (default: the task's), all of them if fewer; the
+        same rows on every call (the PTN refinement, TPE trials and the report's search curve)."""
+        seed = self.seed if seed is None else seed
+        key = ("retain_sample", size, seed)
         if key not in self.cache:
-            generator = torch.Generator().manual_seed(self.seed)
+            generator = torch.Generator().manual_seed(seed)
             picks = torch.randperm(len(self.retain_split), generator=generator)[:size]
             self.cache[key] = self.retain_split.subset(picks.sort().values)
         return self.cache[key]
