@@ -41,6 +41,9 @@ class Scale:
     batch_size: int = 128
     lr: float = 0.2
     augment: bool = True
+    label_smoothing: float = 0.0
+    precision: str = "fp32"  # "bf16": autocast while training (2-3x faster on AMX CPUs and GPUs)
+    channels_last: bool = False
     train_rows: int | None = None  # None = the whole training split
     test_rows: int | None = None
     classes: list[int] | None = None  # fullclass: which classes to forget (None = all)
@@ -55,7 +58,8 @@ class Scale:
 
     def recipe(self, seed: int) -> TrainConfig:
         return TrainConfig(
-            epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, augment=self.augment, seed=seed
+            epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, augment=self.augment, seed=seed,
+            label_smoothing=self.label_smoothing, precision=self.precision, channels_last=self.channels_last,
         )
 
     def arch_args(self) -> dict:
@@ -109,13 +113,18 @@ def original_model(scale: Scale, dataset: unlearning.Dataset, seed: int, log=pri
         scale.arch, dataset.num_classes, dataset.input_shape, normalize, seed=seed, **scale.arch_args()
     )
     started = time.perf_counter()
-    train(model, dataset.train, recipe, normalize, device=scale.device)
+    # a long run (ResNet-18 to 90 %) goes on after a kill from its last finished epoch
+    resume = path.with_name(path.name + ".partial.pt")
+    resumed = resume.exists()  # then train_seconds counts only this process's share
+    train(model, dataset.train, recipe, normalize, device=scale.device, resume=resume,
+          on_step=epoch_logger(len(dataset.train), log))
     seconds = time.perf_counter() - started
     model.cpu()
     model_meta(model)["train_config"] = recipe.to_dict()
     metrics = evaluate_model(model, dataset, None, normalize)
     info = {
         "train_seconds": seconds,
+        "resumed": resumed,
         "test_acc": metrics["test_acc"],
         "train_acc": metrics["train_acc"],
         "recipe": recipe.to_dict(),
@@ -127,6 +136,21 @@ def original_model(scale: Scale, dataset: unlearning.Dataset, seed: int, log=pri
     (path / "benchmark.json").write_text(json.dumps(info, indent=1))
     log(f"trained in {seconds:.0f} s: test acc {metrics['test_acc']:.4f}, train acc {metrics['train_acc']:.4f}")
     return model, info
+
+
+def epoch_logger(rows: int, log):
+    """An `on_step` callback that logs the mean training loss of every finished epoch."""
+    seen = {"rows": 0, "loss": 0.0, "started": time.perf_counter()}
+
+    def on_step(n: int, loss: float) -> None:
+        seen["rows"] += n
+        seen["loss"] += loss * n
+        if seen["rows"] >= rows:
+            log(f"epoch done: mean loss {seen['loss'] / seen['rows']:.4f}, "
+                f"{time.perf_counter() - seen['started']:.0f} s")
+            seen.update(rows=0, loss=0.0, started=time.perf_counter())
+
+    return on_step
 
 
 def log(message: str) -> None:

@@ -23,7 +23,16 @@ import torch
 
 import unlearning
 from benchmarks import suites
-from benchmarks.common import CIFAR10, RESULTS, Scale, log, machine, write_json
+from benchmarks.common import (
+    CIFAR10,
+    RESULTS,
+    Scale,
+    load,
+    log,
+    machine,
+    original_model,
+    write_json,
+)
 from benchmarks.plots import plot
 from benchmarks.tables import table
 from pipelines.options import parse_param
@@ -56,7 +65,8 @@ def method_param_table(triples) -> dict:
 def scale_from(args) -> Scale:
     scale = Scale(
         data=Path(args.data), arch=args.arch, width=args.width, epochs=args.epochs, batch_size=args.batch_size,
-        lr=args.lr, augment=not args.no_augment, train_rows=args.train_rows, test_rows=args.test_rows,
+        lr=args.lr, augment=not args.no_augment, label_smoothing=args.label_smoothing,
+        precision=args.precision, channels_last=args.channels_last, train_rows=args.train_rows, test_rows=args.test_rows,
         classes=args.classes, retrain_epochs=args.retrain_epochs, importance_mode=args.importance_mode,
         device=args.device, seeds=args.seeds, quick=args.quick, ptn_start_divisor=args.ptn_start_divisor,
         method_params=method_param_table(args.param),
@@ -90,6 +100,10 @@ def add_scale_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="default 128 (quick 32)")
     parser.add_argument("--lr", type=float, default=None, help="default 0.2 (quick 0.05)")
     parser.add_argument("--no-augment", action="store_true")
+    parser.add_argument("--label-smoothing", type=float, default=0.0, help="original model's recipe")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                        help="original model's (and retrain's) training precision; bf16 autocast")
+    parser.add_argument("--channels-last", action="store_true", help="NHWC layout while training")
     parser.add_argument("--train-rows", type=int, default=None, help="use the first N training rows")
     parser.add_argument("--test-rows", type=int, default=None, help="use the first N test rows")
     parser.add_argument("--classes", type=int, nargs="+", default=None, help="classes (fine classes) to forget")
@@ -136,7 +150,8 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
 
 def parse(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("suite", choices=[*suites.SUITES, "all"])
+    parser.add_argument("suite", choices=[*suites.SUITES, "all", "original"],
+                        help="a suite, all of them, or `original`: only train (or load) the cached original model")
     add_scale_arguments(parser)
     add_suite_arguments(parser)
     args = parser.parse_args(argv)
@@ -198,12 +213,25 @@ def run_suite(suite: str, args, command: str) -> dict:
     return result
 
 
+def original_only(args) -> None:
+    """Train (resuming after a kill) or load the original model(s) of this scale, and say how
+    good they are: the long one-off runs (ResNet-18 to 90 %) are made this way, ahead of the suites."""
+    scale = scale_from(args)
+    dataset, _ = load(scale)
+    for seed in scale.seeds or [0]:
+        _, info = original_model(scale, dataset, seed, log=log)
+        log(f"original {scale.arch} seed {seed}: test acc {info['test_acc']:.4f}, train acc {info['train_acc']:.4f}, "
+            f"{info['train_seconds']:.0f} s to train")
+
+
 def main(argv=None) -> None:
     args = parse(argv)
     torch.set_num_threads(args.threads or available_cpus())
     command = "python -m benchmarks.run " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     started = time.perf_counter()
-    for suite in selected(args.suite):
+    if args.suite == "original":
+        original_only(args)
+    for suite in () if args.suite == "original" else selected(args.suite):
         run_suite(suite, args, command)
     log(f"done in {time.perf_counter() - started:.0f} s")
 

@@ -26,6 +26,7 @@ def default_arch(dataset) -> str:
 def train_checkpoint(
     data_spec: str, out: str, arch: str | None = None, epochs: int | None = None, lr: float | None = None,
     seed: int = 0, progress: bool = True, device: str | None = None, arch_args: dict | None = None,
+    precision: str | None = None,
 ) -> str:
     """Train an original model (seeded) and write its checkpoint at `out`; returns a summary line."""
     import torch
@@ -39,7 +40,7 @@ def train_checkpoint(
     arch = arch or default_arch(dataset)
     recipe = DEFAULT_RECIPES.get(canonical_arch(arch), TrainConfig())
     config = replace(recipe, epochs=recipe.epochs if epochs is None else epochs, seed=seed,
-                     lr=recipe.lr if lr is None else lr)
+                     lr=recipe.lr if lr is None else lr, precision=precision or recipe.precision)
     if config.epochs < 1:
         raise UserError(f"--epochs must be at least 1, got {config.epochs}")
     if os.path.exists(out):

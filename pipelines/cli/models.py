@@ -23,6 +23,8 @@ def add_commands(commands) -> None:
     train.add_argument("--seed", type=int, default=0, help="seed of the initialisation and batch order")
     train.add_argument("--out", required=True, help="checkpoint directory to create")
     train.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
+    train.add_argument("--precision", choices=["fp32", "bf16"],
+                       help="bf16: autocast (2-3x faster on GPUs and AMX CPUs; default: the recipe's, fp32)")
     train.set_defaults(func=cmd_train)
 
     imported = commands.add_parser("import", help="a checkpoint from weights trained elsewhere and the factory "
@@ -60,7 +62,7 @@ def cmd_train(args) -> int:
     check_output_path(args.out)
     device = check_device(args.device)
     print(train_checkpoint(args.data, args.out, args.arch, args.epochs, args.lr, args.seed, not args.quiet, device,
-                           arch_args=dict(args.arch_arg or [])))
+                           arch_args=dict(args.arch_arg or []), precision=args.precision))
     return 0
 
 

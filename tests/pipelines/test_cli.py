@@ -12,7 +12,9 @@ from importlib.metadata import version
 
 import pytest
 
+import unlearning
 from pipelines.cli import build_parser, command_parsers, main
+from unlearning.checkpoint import model_meta
 from unlearning.methods import METHODS
 
 
@@ -43,6 +45,14 @@ def test_train_forget_evaluate_round_trip(tmp_path, capsys):
     evaluated = json.loads((tmp_path / "eval.json").read_text())
     assert evaluated["forget_acc"] == report["metrics"]["forget_acc"]
     assert json.loads(out) == evaluated
+
+
+def test_train_in_bf16_records_its_recipe(tmp_path, capsys):
+    code, out, err = run(capsys, "train", "--data", "digits", "--epochs", "20", "--precision", "bf16",
+                         "--out", tmp_path / "m")
+    assert code == 0 and "test acc 0.9" in out, err  # bf16 autocast learns digits as fp32 does
+    meta = model_meta(unlearning.load_model(tmp_path / "m"))
+    assert meta["train_config"]["precision"] == "bf16"  # retrain in a request follows the same recipe
 
 
 def test_fixed_alpha_lambda_method_with_zrf(tmp_path, capsys, digits_checkpoint):
