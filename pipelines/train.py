@@ -98,8 +98,9 @@ def import_checkpoint(
 
 
 def evaluate_checkpoint(model_path: str, data_spec: str, forget_spec: str | None, seed: int = 0,
-                        zrf: bool = False) -> dict:
-    """A checkpoint's metrics on a data set (and a forget set, if given)."""
+                        zrf: bool = False, references: str | None = None) -> dict:
+    """A checkpoint's metrics on a data set (and a forget set, if given; with `references`, the
+    calibrated membership test's too)."""
     from pipelines.request import random_reference
     from unlearning.evaluation import evaluate_model
 
@@ -107,7 +108,15 @@ def evaluate_checkpoint(model_path: str, data_spec: str, forget_spec: str | None
     dataset = unlearning.data.open_dataset(data_spec)  # rows streamed from their files
     forget = unlearning.parse_forget(forget_spec, dataset, seed=seed) if forget_spec else None
     reference = random_reference(model, seed) if zrf and forget else None
-    return evaluate_model(model, dataset, forget, model_meta(model).get("normalize"), random_model=reference)
+    normalize = model_meta(model).get("normalize")
+    metrics = evaluate_model(model, dataset, forget, normalize, random_model=reference)
+    if references and forget is not None:
+        from pipelines.references import references_for
+        from unlearning.mia import calibrated_mia
+
+        [found] = calibrated_mia([model], references_for(references, dataset), dataset, forget, normalize, seed)
+        metrics.update(found)
+    return metrics
 
 
 def store_summary(meta: dict, out: str) -> str:

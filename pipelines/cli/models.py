@@ -51,7 +51,23 @@ def add_commands(commands) -> None:
     evaluate.add_argument("--seed", type=int, default=0, help="seed of random:N forget sets")
     evaluate.add_argument("--out", help="also write the JSON here")
     evaluate.add_argument("--zrf", action="store_true", help="also report ZRF against a random network")
+    evaluate.add_argument("--references", metavar="DIR",
+                          help="also report the calibrated membership test (RMIA) with these reference models "
+                               "(`unlearn references`); needs --forget")
     evaluate.set_defaults(func=cmd_evaluate)
+
+    references = commands.add_parser("references", help="reference models for the calibrated membership test "
+                                                         "(RMIA), trained on Ray in pairs on halves of the data")
+    references.add_argument("--model", required=True, help="the original checkpoint (its architecture and recipe)")
+    references.add_argument("--data", required=True, help="its training data (as for train)")
+    references.add_argument("--out", required=True, help="reference directory to create")
+    references.add_argument("--count", type=positive_int, default=4, help="reference models, even (default 4)")
+    references.add_argument("--epochs", type=positive_int, help="epochs each (default: the original's recipe)")
+    references.add_argument("--seed", type=int, default=0, help="seed of the halves and of the initialisations")
+    references.add_argument("--workers", type=int, help="references trained at once (default 2, or the GPUs/CPUs "
+                                                        "the cluster has, if fewer)")
+    references.add_argument("--in-process", action="store_true", help="train them here, one after another (no Ray)")
+    references.set_defaults(func=cmd_references)
 
 
 def cmd_train(args) -> int:
@@ -103,13 +119,34 @@ def _floats(text: str) -> list[float]:
 
 def cmd_evaluate(args) -> int:
     from pipelines.train import evaluate_checkpoint
+    from unlearning.errors import UserError
     from unlearning.outputs import atomic_write_text, check_output_path
 
     if args.out:
         check_output_path(args.out)
-    metrics = evaluate_checkpoint(args.model, args.data, args.forget, args.seed, args.zrf)
+    if args.references and not args.forget:
+        raise UserError("--references needs --forget: the test asks whether the forget set still looks seen")
+    metrics = evaluate_checkpoint(args.model, args.data, args.forget, args.seed, args.zrf, args.references)
     text = json.dumps(metrics, indent=2) + "\n"
     if args.out:
         atomic_write_text(args.out, text)
     print(text, end="")
+    return 0
+
+
+def cmd_references(args) -> int:
+    from pipelines.ray_session import check_workers
+    from pipelines.references import build_references
+    from unlearning.errors import UserError
+    from unlearning.outputs import check_output_path
+
+    check_output_path(args.out)
+    if args.count < 2 or args.count % 2:
+        raise UserError(f"--count must be an even number of at least 2 (references come in pairs), got {args.count}")
+    if not args.in_process:
+        check_workers(args.workers)
+    info = build_references(args.model, args.data, args.out, args.count, args.seed, args.epochs, args.workers,
+                            args.in_process)
+    print(f"{info['count']} reference models {info['where']} in {info['train_seconds']:.1f} s, RMIA a = {info['a']:g} "
+          f"-> {args.out}")
     return 0
