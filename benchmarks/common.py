@@ -55,6 +55,7 @@ class Scale:
     quick: bool = False
     ptn_start_divisor: float | None = None  # None = unlearning.search.PTNConfig's default
     method_params: dict | None = None  # {method: {key: value}} from --param, over the defaults
+    references: int = 0  # reference models of the calibrated membership test (RMIA); 0 = not run
 
     def recipe(self, seed: int) -> TrainConfig:
         return TrainConfig(
@@ -170,3 +171,22 @@ def write_json(path: Path, data) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=1, default=float))
     tmp.replace(path)
+
+
+def reference_models(scale: Scale, model, dataset, seed: int = 0, log=print):
+    """The RMIA reference models of the original (`unlearning.mia`), trained with the original's
+    recipe on paired halves once, cached by (model, data, count, seed)."""
+    from unlearning.mia import load_references, save_references, train_references
+
+    fingerprint = unlearning.model_fingerprint(model)
+    path = CACHE / "references" / f"{fingerprint}-{dataset.fingerprint}-k{scale.references}-seed{seed}"
+    if path.exists():
+        return load_references(path)
+    recipe = scale.recipe(seed)
+    log(f"training {scale.references} reference models on halves of {len(dataset.train)} rows, {recipe}")
+    started = time.perf_counter()
+    references = train_references(model, dataset, recipe, scale.references, seed, scale.device)
+    seconds = time.perf_counter() - started
+    save_references(references, path, {"data_fingerprint": dataset.fingerprint, "train_seconds": seconds})
+    log(f"reference models in {seconds:.0f} s, RMIA a = {references.a:g}")
+    return references

@@ -69,7 +69,7 @@ def scale_from(args) -> Scale:
         precision=args.precision, channels_last=args.channels_last, train_rows=args.train_rows, test_rows=args.test_rows,
         classes=args.classes, retrain_epochs=args.retrain_epochs, importance_mode=args.importance_mode,
         device=args.device, seeds=args.seeds, quick=args.quick, ptn_start_divisor=args.ptn_start_divisor,
-        method_params=method_param_table(args.param),
+        method_params=method_param_table(args.param), references=args.references,
     )
     if args.quick:  # same code paths, smaller: a class-balanced subset, fewer epochs and requests
         scale = replace(
@@ -129,6 +129,9 @@ def add_suite_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ptn-forget", default=None, help="speed: the request the PTN timing uses (default class:K)")
     parser.add_argument("--param", type=parse_method_param, action="append", default=[], metavar="METHOD:KEY=VALUE",
                         help="a method parameter for this run, e.g. jit:lr=3e-5 (repeatable)")
+    parser.add_argument("--references", type=int, default=0, metavar="K",
+                        help="random: also the calibrated membership test (RMIA) with K reference models "
+                             "(even; trained once and cached)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: all cores; on a loaded 2-core box 1 is faster)")

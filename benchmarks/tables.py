@@ -43,10 +43,13 @@ def class_table(summary) -> str:
 
 
 def random_table(summary) -> str:
-    lines = [RANDOM_HEADER, "|---|---:|---:|---:|---:|---:|---:|"]
+    rmia = "rmia_auc" in summary[0]
+    header = RANDOM_HEADER.replace("| MIA |", "| MIA | RMIA AUC | RMIA flagged at 5 % FPR |") if rmia else RANDOM_HEADER
+    lines = [header, "|---|---:|---:|---:|---:|" + ("---:|---:|" if rmia else "") + "---:|---:|"]
     for s in summary:
+        extra = f"{s['rmia_auc']:.3f} | {pct(s['rmia_flagged'])} | " if rmia else ""
         lines.append(f"| {s['method']} | {pct(s['retain_acc'])} | {pct(s['forget_acc'])} | {pct(s['test_acc'])} | "
-                     f"{pct(s['mia'])} | {s['seconds_importance']:.1f} | {s['seconds_unlearn']:.1f} |")
+                     f"{pct(s['mia'])} | {extra}{s['seconds_importance']:.1f} | {s['seconds_unlearn']:.1f} |")
     return "\n".join(lines)
 
 

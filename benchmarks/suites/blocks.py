@@ -18,6 +18,7 @@ from benchmarks.common import CACHE, Scale, log
 from pipelines.request import build_task, run_method_timed
 from unlearning.checkpoint import all_finite, model_meta
 from unlearning.evaluation import evaluate_model
+from unlearning.mia import calibrated_mia
 
 # importance kind each method reads (docs/methods.md#importance); the others read none
 KIND = {"ssd": "fisher", "lfssd": "l2", "assd": "fisher", "potion_step": "l2_norm", "ptn": "fisher", "potion": "l2_norm",
@@ -92,8 +93,9 @@ def diverged_metrics(dataset, forget) -> dict:
     return metrics
 
 
-def evaluate_output(model, task, dataset, forget) -> tuple[dict, bool]:
-    """(metrics, diverged); a diverged model is reported as such rather than stopping the suite."""
+def evaluate_output(model, task, dataset, forget, references=None) -> tuple[dict, bool]:
+    """(metrics, diverged); a diverged model is reported as such rather than stopping the suite.
+    With `references`, the calibrated membership test's metrics too."""
     diverged = not all_finite(model)
     try:
         metrics = evaluate_model(model, dataset, forget, task.normalize)
@@ -101,14 +103,16 @@ def evaluate_output(model, task, dataset, forget) -> tuple[dict, bool]:
         diverged = True
     if diverged:
         metrics = diverged_metrics(dataset, forget)
+    elif references is not None:
+        metrics.update(calibrated_mia([model], references, dataset, forget, task.normalize)[0])
     metrics.pop("per_class_test_acc", None)
     return metrics, diverged
 
 
-def run_one(name: str, task, dataset, forget, params: dict) -> dict:
+def run_one(name: str, task, dataset, forget, params: dict, references=None) -> dict:
     """One method on one request: unlearning seconds apart from importance seconds."""
     output, seconds = run_method_timed(task, name, params)
-    metrics, diverged = evaluate_output(output.model, task, dataset, forget)
+    metrics, diverged = evaluate_output(output.model, task, dataset, forget, references)
     details = {k: v for k, v in output.details.items() if k != "path"}
     if "path" in output.details:
         details["search_steps"] = len(output.details["path"])
@@ -142,6 +146,7 @@ class Bench:
     batch_size: int
     importances: dict = field(default_factory=dict)
     importance_seconds: dict = field(default_factory=dict)
+    references: object = None  # unlearning.mia.References, when the suite runs the calibrated test
 
     @classmethod
     def build(cls, model, dataset, scale: Scale, methods: list[str], batch_size: int) -> Bench:
@@ -166,13 +171,17 @@ class Bench:
 
 def run_request(bench: Bench, forget, tag: str) -> tuple[dict, list]:
     """The original model's metrics and one row per method on one request."""
-    original = evaluate_model(bench.model, bench.dataset, forget, model_meta(bench.model)["normalize"])
+    normalize = model_meta(bench.model)["normalize"]
+    original = evaluate_model(bench.model, bench.dataset, forget, normalize)
     original.pop("per_class_test_acc", None)
+    if bench.references is not None:
+        original.update(calibrated_mia([bench.model], bench.references, bench.dataset, forget, normalize)[0])
     log(f"{tag} {'original':11s} {shown(original)}")
     tasks = bench.tasks_by_kind(forget)
     rows = []
     for name in bench.methods:
-        row = run_one(name, tasks[KIND.get(name)], bench.dataset, forget, method_params(name, bench.scale))
+        row = run_one(name, tasks[KIND.get(name)], bench.dataset, forget, method_params(name, bench.scale),
+                      bench.references)
         seconds = f"imp {row['seconds_importance']:.1f}s  unlearn {row['seconds_unlearn']:.1f}s"
         log(f"{tag} {name:11s} {shown(row['metrics'])}  {seconds}")
         rows.append(row)

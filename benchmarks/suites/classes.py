@@ -9,10 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import unlearning
-from benchmarks.common import Scale, load, log, original_model
+from benchmarks.common import Scale, load, log, original_model, reference_models
 from benchmarks.suites.blocks import BASE_METRICS, Bench, first_seed, mean, method_row, run_request
 
 COARSE = "0,1,8,9/2,3,4,5,6,7"  # CIFAR-10 vehicles vs animals, fine labels kept
+RMIA_METRICS = ("rmia_auc", "rmia_flagged")  # with --references (unlearning.mia)
 RANDOM_BATCH = 128  # the reference's batch for random forgetting (docs/methods.md#importance)
 
 
@@ -92,6 +93,8 @@ def random_suite(args, scale: Scale) -> dict:
     dataset, spec = load(scale)
     model, info = original_model(scale, dataset, first_seed(scale), log)
     bench = Bench.build(model, dataset, scale, args.methods, RANDOM_BATCH)
+    if scale.references:
+        bench.references = reference_models(scale, model, dataset, first_seed(scale), log)
     requests = []
     for forget_seed in args.forget_seeds:
         forget = unlearning.parse_forget(f"random:{args.random_count}:{forget_seed}", dataset)
@@ -107,6 +110,7 @@ def random_summary(name: str, requests: list[dict]) -> dict:
     return {
         "method": name,
         **{key: mean(metrics[key] for metrics, _ in per) for key in BASE_METRICS},
+        **{key: mean(metrics[key] for metrics, _ in per) for key in RMIA_METRICS if key in per[0][0]},
         "seconds_importance": mean(seconds[0] for _, seconds in per),
         "seconds_unlearn": mean(seconds[1] for _, seconds in per),
     }
