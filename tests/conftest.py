@@ -40,6 +40,46 @@ def digits_checkpoint(digits_model, tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session")
+def digits_hypernet(digits, digits_model, tmp_path_factory):
+    """A tiny HyperForget hypernetwork for `digits_model` (4 runs of 2 epochs, 100 denoiser steps):
+    enough for the tests that run every method; tests/unlearning/test_hyperforget.py tests it."""
+    from dataclasses import replace
+
+    from unlearning.hyperforget import (
+        HypernetConfig,
+        collect_run,
+        plan_runs,
+        probe_rows,
+        save_hypernet,
+        train_hypernet,
+    )
+    from unlearning.training import TrainConfig
+
+    config = replace(TrainConfig(**model_meta(digits_model)["train_config"]), epochs=2)
+    probe_ids = probe_rows(digits)
+    probe = digits.train.subset(digits.index_of(probe_ids))
+    snapshots, left_out = [], []
+    for plan in plan_runs(10, 4):
+        found = collect_run(digits_model, digits, plan, config, probe, every=12)
+        snapshots += found
+        left_out += [plan.left_out] * len(found)
+    final = torch.tensor([i + 1 == len(snapshots) or snapshots[i + 1]["step"] < s["step"]
+                          for i, s in enumerate(snapshots)])
+    net = train_hypernet(torch.stack([s["params"] for s in snapshots]), torch.stack([s["losses"] for s in snapshots]),
+                         final, left_out, probe_ids, HypernetConfig(steps=100),
+                         {"arch": "small_cnn", "parameters": snapshots[0]["params"].numel()})
+    path = tmp_path_factory.mktemp("hypernet") / "digits-hypernet"
+    save_hypernet(net, path)
+    return path
+
+
+def method_params(method: str, request) -> dict:
+    """What a method needs besides the task in the tests that run every method: hyperforget its
+    hypernetwork."""
+    return {"hypernet": str(request.getfixturevalue("digits_hypernet"))} if method == "hyperforget" else {}
+
+
 def state_copy(model):
     return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
 

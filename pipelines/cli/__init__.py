@@ -4,6 +4,7 @@
     unlearn import     --factory FACTORY --weights FILE --input-shape C,H,W --out CKPT (models)
     unlearn evaluate   --model CKPT --data DATA [--forget SPEC] [--references DIR]    (models)
     unlearn references --model CKPT --data DATA --out DIR [--count K] [--workers N]   (models)
+    unlearn hyperforget train --model CKPT --data DATA --out HYPERNET [--runs N]      (models)
     unlearn importance --model CKPT --data DATA --out STORE [--workers N] ...         (importance)
     unlearn forget     --model CKPT --data DATA --forget SPEC --out DIR [--method M]  (forget)
     unlearn search     ... --search CONFIG; unlearn history --model-name NAME         (forget)

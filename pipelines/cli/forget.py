@@ -47,6 +47,7 @@ def _request_arguments(parser, search_required: bool) -> None:
     add("--lambda", dest="lam", type=number, help="SSD's dampening constant lambda")
     add("--rho", type=fraction, help="poison requests: target = rho x original forget accuracy")
     add("--param", type=key_value, action="append", help="KEY=VALUE method parameter (repeatable)")
+    add("--hypernet", metavar="DIR", help="--method hyperforget: the hypernetwork (`unlearn hyperforget train`)")
     add("--mode", default="per_sample", choices=["per_sample", "batch"], help="importance mode")
     add("--batch-size", type=positive_int, default=64, help="importance batch size (default 64)")
     add("--seed", type=int, default=0, help="seed of random:N forget sets and of the methods")
@@ -81,6 +82,10 @@ def forget_options(args):
         params["alpha"] = args.alpha
     if args.lam is not None:
         params["lam"] = args.lam
+    if getattr(args, "hypernet", None):
+        if args.method != "hyperforget":
+            raise UserError(f"--hypernet is for --method hyperforget, not {args.method}")
+        params["hypernet"] = args.hypernet
     if args.workers is not None and args.workers < 1:
         raise UserError(f"--workers must be at least 1, got {args.workers}")
     if args.ray_min_rows < 0:
@@ -96,6 +101,14 @@ def forget_options(args):
     ).check()
 
 
+def reads_importance(method: str, search: str | None) -> bool:
+    """Whether the request computes importances (the SSD family and searches over it do)."""
+    from unlearning.methods import METHODS, canonical_name
+
+    found = METHODS.get(canonical_name(method))
+    return bool(search) or found is None or found.fn.__module__.endswith("ssd_family")
+
+
 def cmd_forget(args) -> int:
     from pipelines.progress import StepProgress
     from pipelines.ray_session import set_storage
@@ -105,7 +118,7 @@ def cmd_forget(args) -> int:
     options = forget_options(args)
     set_storage(args.storage)
     log.info("request options: %s", options)
-    if not args.importance:
+    if not args.importance and reads_importance(options.method, options.search):
         log.warning("no --importance store given, so the full-data importance is computed now; "
                     "`unlearn importance` once makes every later request cheaper")
     with StepProgress("search steps", disable=args.quiet) as progress:

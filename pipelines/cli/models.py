@@ -56,6 +56,27 @@ def add_commands(commands) -> None:
                                "(`unlearn references`); needs --forget")
     evaluate.set_defaults(func=cmd_evaluate)
 
+    hyper = commands.add_parser("hyperforget", help="HyperForget's hypernetwork: checkpoints on Ray, then DiHyFo")
+    actions = hyper.add_subparsers(dest="action", required=True, metavar="train")
+    train_hyper = actions.add_parser("train", help="collect training runs' checkpoints and train the hypernetwork")
+    train_hyper.add_argument("--model", required=True, help="the original checkpoint (its architecture and recipe)")
+    train_hyper.add_argument("--data", required=True, help="its training data (as for train)")
+    train_hyper.add_argument("--out", required=True, help="hypernetwork directory to create")
+    train_hyper.add_argument("--runs", type=positive_int, default=22,
+                             help="training runs: on every class, and leaving classes out in turn (default 22)")
+    train_hyper.add_argument("--epochs", type=positive_int, help="epochs per run (default: the original's recipe)")
+    train_hyper.add_argument("--every", type=positive_int, help="optimiser steps between snapshots (default: an epoch)")
+    train_hyper.add_argument("--steps", type=positive_int, default=4000, help="denoiser training steps (default 4000)")
+    train_hyper.add_argument("--components", type=positive_int, default=512,
+                             help="principal directions of the checkpoints diffused over (default 512)")
+    train_hyper.add_argument("--checkpoints", metavar="DIR",
+                             help="where the runs' Parquet shards go and are found again after a kill "
+                                  "(default: OUT.checkpoints)")
+    train_hyper.add_argument("--workers", type=int, help="runs at once on Ray (default 2, or the cluster's GPUs/CPUs)")
+    train_hyper.add_argument("--in-process", action="store_true", help="run the runs here, one after another (no Ray)")
+    train_hyper.add_argument("--no-track", action="store_true", help="do not record the training in MLflow")
+    train_hyper.set_defaults(func=cmd_hyperforget_train)
+
     references = commands.add_parser("references", help="reference models for the calibrated membership test "
                                                          "(RMIA), trained on Ray in pairs on halves of the data")
     references.add_argument("--model", required=True, help="the original checkpoint (its architecture and recipe)")
@@ -149,4 +170,23 @@ def cmd_references(args) -> int:
                             args.in_process)
     print(f"{info['count']} reference models {info['where']} in {info['train_seconds']:.1f} s, RMIA a = {info['a']:g} "
           f"-> {args.out}")
+    return 0
+
+
+def cmd_hyperforget_train(args) -> int:
+    from pipelines.hyperforget import train_hyperforget
+    from pipelines.ray_session import check_workers
+    from unlearning.hyperforget import HypernetConfig
+    from unlearning.outputs import check_output_path
+
+    check_output_path(args.out)
+    if not args.in_process:
+        check_workers(args.workers)
+    config = HypernetConfig(steps=args.steps, components=args.components)
+    info = train_hyperforget(args.model, args.data, args.out, args.runs, args.every, args.epochs, args.workers,
+                             args.checkpoints, config, args.in_process, track=not args.no_track)
+    print(f"hypernetwork {args.out}: {info['checkpoints']} checkpoints of {info['runs']} runs "
+          f"({info['runs_kept']} found from before) in {info['collect_seconds']:.1f} s, {info['components']} "
+          f"directions of {info['parameters']} parameters, denoiser {args.steps} steps in {info['train_seconds']:.1f} s "
+          f"(final loss {info['final_loss']:.4f})")
     return 0

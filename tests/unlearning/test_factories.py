@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import unlearning
-from tests.conftest import assert_state_equal, state_copy
+from tests.conftest import assert_state_equal, method_params, state_copy
 from unlearning.checkpoint import import_model, model_meta, read_state_dict
 from unlearning.data import split_forget
 from unlearning.importance import compute_importance_sums
@@ -209,9 +209,9 @@ def dict_task(digits, model, spec="class:3"):
 
 
 @pytest.mark.parametrize("method", sorted(set(unlearning.METHODS) - set(REBUILDING)))
-def test_every_method_takes_a_model_whose_output_is_a_dict(digits, digits_model, method):
+def test_every_method_takes_a_model_whose_output_is_a_dict(digits, digits_model, method, request):
     """Every loss and metric reads logits_of(output): the same weights give the same model."""
-    params = {"epochs": 1} if method == "finetune" else {}
+    params = {"epochs": 1} if method == "finetune" else method_params(method, request)
     plain = unlearning.run_method(method, dict_task(digits, digits_model), **params).model
     wrapped = unlearning.run_method(method, dict_task(digits, as_dict_model(digits_model)), **params).model
     assert_state_equal(plain, {k.removeprefix("model."): v for k, v in wrapped.state_dict().items()})

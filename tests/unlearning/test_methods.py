@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import unlearning
-from tests.conftest import assert_state_equal, state_copy
+from tests.conftest import assert_state_equal, method_params, state_copy
 from unlearning.checkpoint import model_meta
 from unlearning.data import split_forget
 from unlearning.metrics import accuracy
@@ -44,11 +44,11 @@ def class_accuracies(model, digits, forgotten: int) -> tuple[float, float]:
 
 
 @pytest.mark.parametrize("method", sorted(unlearning.METHODS))
-def test_every_method_returns_a_new_model_and_leaves_the_input_bit_identical(digits, digits_model, method):
+def test_every_method_returns_a_new_model_and_leaves_the_input_bit_identical(digits, digits_model, method, request):
     before = state_copy(digits_model)
     fingerprint = unlearning.model_fingerprint(digits_model)
     task = make_task(digits, digits_model, "class:3", importance_mode="batch")
-    params = {"epochs": 2} if method == "retrain" else {}
+    params = {"epochs": 2} if method == "retrain" else method_params(method, request)
     output = unlearning.run_method(method, task, **params)
     assert output.model is not digits_model
     assert_state_equal(digits_model, before)
@@ -64,10 +64,11 @@ def lazy_digits():
 
 
 @pytest.mark.parametrize("method", sorted(unlearning.METHODS))
-def test_every_method_gives_the_same_model_on_rows_read_from_their_source(digits, lazy_digits, digits_model, method):
+def test_every_method_gives_the_same_model_on_rows_read_from_their_source(digits, lazy_digits, digits_model, method,
+                                                                          request):
     """A request's splits hold readers, not tensors (open_dataset): each method must take them
     and give the model it gives on the same rows in memory."""
-    params = {"epochs": 1} if method == "retrain" else {}
+    params = {"epochs": 1} if method == "retrain" else method_params(method, request)
     outputs = [
         unlearning.run_method(method, make_task(data, digits_model, "class:3", importance_mode="batch"), **params)
         for data in (digits, lazy_digits)

@@ -9,7 +9,7 @@ The input model is never modified. Adding a method: docs/adding-a-method.md.
 """
 
 # Registration happens on import of each method module.
-from unlearning.methods import baselines, jit, modern, ssd_family  # noqa: E402,F401,I001
+from unlearning.methods import baselines, hyperforget, jit, modern, ssd_family  # noqa: E402,F401,I001
 from unlearning.methods.registry import (
     METHODS,
     Method,

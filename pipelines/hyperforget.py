@@ -1,0 +1,201 @@
+"""`unlearn hyperforget train`: collect checkpoints on Ray, train DiHyFo, record it in MLflow.
+
+1. Checkpoints: one Ray task per training run (`unlearning.hyperforget.collect_run`), each
+   reading the data from its spec and writing its snapshots as one Parquet shard,
+   `run-NNNNN.parquet`, atomically, under `--checkpoints` (default `HYPERNET.checkpoints`,
+   beside the output). A shard already there for the same model, data and settings is kept, so
+   a killed collection goes on where it stopped; one made for anything else is refused.
+2. DiHyFo: the basis and the denoiser are fitted on the shards (`train_hypernet`); the
+   hypernetwork directory appears atomically at `--out`.
+3. MLflow: one run (experiment `amnesis`, tag `kind=hyperforget-train`) with the settings,
+   the loss curve and the timings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+import unlearning
+from unlearning.checkpoint import model_fingerprint, model_meta
+from unlearning.errors import UserError
+from unlearning.hyperforget import (
+    HypernetConfig,
+    RunPlan,
+    collect_run,
+    plan_runs,
+    probe_rows,
+    save_hypernet,
+)
+from unlearning.hyperforget.hypernet import train_hypernet
+from unlearning.training import TrainConfig
+
+SHARD_META = b"amnesis.hyperforget"
+
+
+def shard_path(directory: Path, plan: RunPlan) -> Path:
+    return directory / f"run-{plan.index:05d}.parquet"
+
+
+def write_shard(path: Path, plan: RunPlan, snapshots: list[dict], settings: dict) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({
+        "run": pa.array([plan.index] * len(snapshots), pa.int32()),
+        "step": pa.array([s["step"] for s in snapshots], pa.int32()),
+        "final": pa.array([i == len(snapshots) - 1 for i in range(len(snapshots))]),
+        "params": pa.array([s["params"].numpy() for s in snapshots], pa.list_(pa.float32())),
+        "losses": pa.array([s["losses"].numpy() for s in snapshots], pa.list_(pa.float64())),
+    })
+    meta = {**settings, "run": plan.index, "left_out": list(plan.left_out), "seed": plan.seed}
+    table = table.replace_schema_metadata({SHARD_META: json.dumps(meta, sort_keys=True).encode()})
+    staging = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    pq.write_table(table, staging)
+    staging.replace(path)
+
+
+def shard_settings(path: Path) -> dict | None:
+    import pyarrow.parquet as pq
+
+    try:
+        meta = pq.read_schema(path).metadata or {}
+        return json.loads(meta[SHARD_META])
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def _collect_one(model, data_spec: str, plan: RunPlan, config: TrainConfig, every: int, directory: str,
+                 settings: dict, threads: int | None = None) -> int:
+    """One run, anywhere: its snapshots written as a shard; returns the snapshot count."""
+    if threads:
+        torch.set_num_threads(threads)
+    dataset = unlearning.load_dataset(data_spec)
+    probe = dataset.train.subset(dataset.index_of(torch.tensor(settings["probe_ids"])))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    snapshots = collect_run(model, dataset, plan, config, probe, every, device)
+    write_shard(shard_path(Path(directory), plan), plan, snapshots, {k: v for k, v in settings.items() if k != "probe_ids"})
+    return len(snapshots)
+
+
+def collect(model, data_spec: str, dataset, directory: Path, runs: int, every: int, config: TrainConfig,
+            probe_ids: torch.Tensor, workers: int | None, in_process: bool, seed: int = 0) -> dict:
+    """Every planned run's shard in `directory`; returns {"ran", "kept", "seconds"}."""
+    settings = {"model_fingerprint": model_fingerprint(model), "data_fingerprint": dataset.fingerprint,
+                "every": every, "recipe": config.to_dict()}
+    directory.mkdir(parents=True, exist_ok=True)
+    todo = []
+    for plan in plan_runs(dataset.num_classes, runs, seed):
+        path = shard_path(directory, plan)
+        if path.exists():
+            found = shard_settings(path)
+            mine = {**settings, "run": plan.index, "left_out": list(plan.left_out), "seed": plan.seed}
+            if found != json.loads(json.dumps(mine, sort_keys=True)):
+                raise UserError(f"{path} was collected for another model, data set or settings; "
+                                f"pass another --checkpoints directory")
+            continue
+        todo.append(plan)
+    started = time.perf_counter()
+    settings = {**settings, "probe_ids": probe_ids.tolist()}
+    if in_process:
+        for plan in todo:
+            _collect_one(model, data_spec, plan, config, every, str(directory), settings)
+    elif todo:
+        _collect_on_ray(model, data_spec, todo, config, every, directory, settings, workers)
+    return {"ran": len(todo), "kept": runs - len(todo), "seconds": time.perf_counter() - started}
+
+
+def _collect_on_ray(model, data_spec, todo, config, every, directory, settings, workers) -> None:
+    import ray
+
+    from pipelines.ray_session import ensure_ray, resolve_workers
+
+    cluster = ensure_ray()
+    parallel = resolve_workers(workers, cluster)
+    gpus = int(cluster.get("GPU", 0))
+    threads = 1 if gpus else max(1, int(cluster.get("CPU", 1)) // parallel)
+    task = ray.remote(_collect_one).options(num_cpus=threads, num_gpus=1 if gpus else 0, max_retries=0)
+    model_ref = ray.put(model)
+    pending = []
+    for plan in todo:  # at most `parallel` runs at a time; each shard lands as its run ends
+        if len(pending) >= parallel:
+            done, pending = ray.wait(pending, num_returns=1)
+            ray.get(done)
+        pending.append(task.remote(model_ref, data_spec, plan, config, every, str(directory), settings, threads))
+    ray.get(pending)
+
+
+def read_shards(directory: Path, runs: int, num_classes: int, seed: int = 0):
+    """(params [N, D], losses [N, C], final [N], left_out per row) of the planned runs' shards."""
+    import pyarrow.parquet as pq
+
+    params, losses, final, left_out = [], [], [], []
+    for plan in plan_runs(num_classes, runs, seed):
+        table = pq.read_table(shard_path(directory, plan))
+        params.append(torch.tensor(table.column("params").to_pylist(), dtype=torch.float32))
+        losses.append(torch.tensor(table.column("losses").to_pylist(), dtype=torch.float64))
+        final.append(torch.tensor(table.column("final").to_pylist()))
+        left_out += [plan.left_out] * table.num_rows
+    return torch.cat(params), torch.cat(losses), torch.cat(final), left_out
+
+
+def train_hyperforget(model_path: str, data_spec: str, out: str, runs: int = 22, every: int | None = None,
+                      epochs: int | None = None, workers: int | None = None, checkpoints: str | None = None,
+                      config: HypernetConfig | None = None, in_process: bool = False, track: bool = True) -> dict:
+    """Collect, train, save, record; returns the hypernetwork's info (its hypernet.json)."""
+    from unlearning.outputs import check_output_path
+
+    check_output_path(out)
+    config = config or HypernetConfig()
+    if runs < 2:
+        raise UserError(f"--runs must be at least 2 (a run on every class and one leaving one out), got {runs}")
+    model = unlearning.load_model(model_path)
+    meta = model_meta(model)
+    recipe = meta.get("train_config")
+    if not recipe:
+        raise UserError("HyperForget's runs follow the original's training recipe; this checkpoint has none "
+                        "(train it with `unlearn train`)")
+    recipe = TrainConfig(**recipe)
+    recipe = replace(recipe, epochs=epochs) if epochs else recipe
+    dataset = unlearning.load_dataset(data_spec)
+    if tuple(meta["input_shape"]) != dataset.input_shape or meta["num_classes"] != dataset.num_classes:
+        raise UserError(f"{model_path} does not fit {data_spec} (input shape or class count differ)")
+    steps_per_epoch = -(-len(dataset.train) // recipe.batch_size)
+    every = every or steps_per_epoch  # a snapshot per epoch by default
+    directory = Path(checkpoints or f"{out}.checkpoints")
+    probe_ids = probe_rows(dataset)
+    collected = collect(model, data_spec, dataset, directory, runs, every, recipe, probe_ids, workers, in_process)
+    params, losses, final, left_out = read_shards(directory, runs, dataset.num_classes)
+    curve: list[tuple[int, float]] = []
+    started = time.perf_counter()
+    info = {"arch": meta["arch"], "model_fingerprint": model_fingerprint(model), "data": str(data_spec),
+            "data_fingerprint": dataset.fingerprint, "runs": runs, "every": every, "recipe": recipe.to_dict(),
+            "checkpoints_dir": str(directory), "collect_seconds": collected["seconds"], "runs_kept": collected["kept"]}
+    net = train_hypernet(params, losses, final, left_out, probe_ids, config, info,
+                         on_step=lambda step, loss: curve.append((step, loss)) if step % 50 == 0 else None)
+    net.info["train_seconds"] = time.perf_counter() - started
+    net.info["final_loss"] = sum(loss for _, loss in curve[-10:]) / max(1, len(curve[-10:]))
+    save_hypernet(net, out)
+    if track:
+        _track(out, net, curve)
+    return {**net.info, "config": config.to_dict()}
+
+
+def _track(out: str, net, curve) -> None:
+    from pipelines.tracking import EXPERIMENT, _mlflow
+
+    mlflow = _mlflow()
+    mlflow.set_experiment(EXPERIMENT)
+    numbers = {k: v for k, v in net.info.items() if isinstance(v, (int, float))}
+    with mlflow.start_run(run_name=f"hyperforget-train {Path(out).name}", tags={"kind": "hyperforget-train"}):
+        mlflow.log_params({"arch": net.info["arch"], "data": net.info["data"], **net.config.to_dict(),
+                           "runs": net.info["runs"], "every": net.info["every"]})
+        mlflow.log_metrics({k: float(v) for k, v in numbers.items() if k not in ("runs", "every")})
+        for step, loss in curve:
+            mlflow.log_metric("denoiser_loss", loss, step=step)
+        mlflow.log_artifacts(out, artifact_path="hypernet")

@@ -1,0 +1,67 @@
+"""`unlearn hyperforget train` on Ray (runs as tasks, Parquet shards kept across a kill, MLflow
+record) and `unlearn forget --method hyperforget` end to end."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import pytest
+
+from pipelines.cli import main
+
+pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_session")]
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_train_on_ray_resume_and_forget(tmp_path, capsys, digits_checkpoint):
+    small = ["--runs", "4", "--epochs", "3", "--steps", "200"]
+    code, out, err = run(capsys, "hyperforget", "train", "--model", digits_checkpoint, "--data", "digits",
+                         "--out", tmp_path / "hn", *small)
+    assert code == 0, err
+    assert "of 4 runs (0 found from before)" in out and "38282 parameters" in out
+    shards = sorted((tmp_path / "hn.checkpoints").glob("run-*.parquet"))
+    assert [s.name for s in shards] == [f"run-0000{i}.parquet" for i in range(4)]
+    info = json.loads((tmp_path / "hn" / "hypernet.json").read_text())
+    assert info["checkpoints"] == 4 * 3 and info["runs"] == 4  # a snapshot per epoch
+    [found] = mlflow.search_runs(experiment_names=["amnesis"], filter_string="tags.kind = 'hyperforget-train'",
+                                 output_format="list")
+    assert found.data.params["runs"] == "4" and "train_seconds" in found.data.metrics
+
+    # a kill after three runs: their shards stay, the fourth is run again
+    shards[3].unlink()
+    code, out, err = run(capsys, "hyperforget", "train", "--model", digits_checkpoint, "--data", "digits",
+                         "--out", tmp_path / "hn2", "--checkpoints", tmp_path / "hn.checkpoints", "--no-track", *small)
+    assert code == 0, err
+    assert "of 4 runs (3 found from before)" in out
+
+    code, out, err = run(capsys, "forget", "--model", digits_checkpoint, "--data", "digits", "--forget", "class:1",
+                         "--method", "hyperforget", "--hypernet", tmp_path / "hn", "--out", tmp_path / "run")
+    assert code == 0, err
+    assert "no --importance store" not in err  # hyperforget reads no importance
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["method"] == "hyperforget" and report["target_met"]
+    assert report["metrics"]["test_forget_acc"] <= 0.05
+    details = report["details"]
+    assert details["samples"] == 8 and len(details["sample_retain_acc"]) == 8 and details["reached"]
+    assert report["params"]["hypernet"] == str(tmp_path / "hn")
+
+
+def test_bad_hyperforget_requests(tmp_path, capsys, digits_checkpoint, untrained_digits_checkpoint):
+    code, _, err = run(capsys, "hyperforget", "train", "--model", digits_checkpoint, "--data", "digits",
+                       "--out", tmp_path / "hn", "--runs", "1")
+    assert code == 2 and "--runs must be at least 2" in err and not (tmp_path / "hn").exists()
+    code, _, err = run(capsys, "hyperforget", "train", "--model", untrained_digits_checkpoint, "--data", "digits",
+                       "--out", tmp_path / "hn")
+    assert code == 2 and "has none" in err
+    code, _, err = run(capsys, "hyperforget", "train", "--model", digits_checkpoint, "--data", "digits",
+                       "--out", tmp_path / "hn", "--workers", "1000")
+    assert code == 2 and "--workers 1000" in err
+    code, _, err = run(capsys, "forget", "--model", digits_checkpoint, "--data", "digits", "--forget", "class:1",
+                       "--method", "hyperforget", "--out", tmp_path / "run", "--no-track")
+    assert code == 2 and "needs a hypernetwork" in err and not (tmp_path / "run").exists()

@@ -1,0 +1,85 @@
+"""HyperForget: sample unlearned models from a diffusion hypernetwork (docs/methods.md#hyperforget)."""
+
+from __future__ import annotations
+
+import torch
+
+from unlearning.checkpoint import model_meta
+from unlearning.errors import UserError
+from unlearning.methods.registry import MethodOutput, register_method
+from unlearning.methods.task import UnlearningTask
+
+
+def prompt_alignment(achieved: torch.Tensor, wanted: torch.Tensor) -> float:
+    """G.pt's prompt alignment, R² of the achieved against the asked-for values, here over the
+    classes' log-losses (a forgotten class's loss is orders of magnitude above the others')."""
+    achieved, wanted = torch.log(achieved.double().clamp(min=1e-4)), torch.log(wanted.double().clamp(min=1e-4))
+    spread = ((wanted - wanted.mean()) ** 2).sum()
+    if float(spread) == 0.0:
+        return float("nan")
+    return float(1 - ((achieved - wanted) ** 2).sum() / spread)
+
+
+def check_hypernet_fits(hypernet, model, path: str) -> None:
+    meta = model_meta(model)
+    count = sum(p.numel() for p in model.parameters())
+    if hypernet.info.get("arch") != meta["arch"] or hypernet.info.get("parameters") != count:
+        raise UserError(f"hypernetwork {path} samples {hypernet.info.get('arch')} networks of "
+                        f"{hypernet.info.get('parameters')} parameters; the model is {meta['arch']} with {count}")
+    if hypernet.num_classes != meta["num_classes"]:
+        raise UserError(f"hypernetwork {path} knows {hypernet.num_classes} classes; the model has {meta['num_classes']}")
+
+
+@register_method("hyperforget", hypernet=None, samples=8, retain_rows=2000, target=None)
+def hyperforget_method(
+    task: UnlearningTask, hypernet: str | None, samples: int, retain_rows: int, target: float | None
+) -> MethodOutput:
+    """HyperForget: K models sampled for a high loss on the forgotten classes; the best one.
+
+    The prompt asks for the loss the collection's runs without a class ended at on that class,
+    and for the original's loss on every other class (both on the hypernetwork's probe rows).
+    Each sample is scored on D_f and on `retain_rows` seeded retained rows; the least damaging
+    one that meets the forget target wins (else the one that forgets most)."""
+    from unlearning.hyperforget import class_losses, load_hypernet, with_parameters
+
+    if hypernet is None:
+        raise UserError("hyperforget needs a hypernetwork: --hypernet DIR (made by `unlearn hyperforget train`)")
+    if task.forget.kind != "class":
+        raise UserError(f"hyperforget forgets whole classes (class:K); this request is {task.forget.kind}")
+    net = load_hypernet(hypernet)
+    check_hypernet_fits(net, task.model, hypernet)
+    dataset = task.dataset
+    probe = dataset.train.subset(torch.nonzero(torch.isin(dataset.train.ids, net.probe_ids), as_tuple=True)[0])
+    classes = list(task.forget.classes)
+    original_losses = class_losses(task.model, probe, task.normalize, net.num_classes)
+    known = torch.isfinite(original_losses)
+    original_losses = torch.where(known, original_losses, torch.exp(net.feature_mean.double()))
+    wanted = net.prompt(original_losses, classes)
+    seeds = [task.seed * 1000 + i for i in range(samples)]
+    vectors = net.sample(wanted, seeds)
+    goal = task.search_target(target)
+    retain = task.retain_sample(retain_rows)
+    candidates = []
+    for index, vector in enumerate(vectors):
+        model = with_parameters(task.model, vector)
+        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+            continue
+        losses = class_losses(model, probe, task.normalize, net.num_classes)
+        candidates.append({
+            "index": index, "model": model, "forget_acc": task.forget_accuracy(model),
+            "retain_acc": task.accuracy(model, retain), "alignment": prompt_alignment(losses[known], wanted[known]),
+        })
+    if not candidates:
+        raise UserError(f"every sample of {hypernet} has non-finite weights; retrain the hypernetwork")
+    meeting = [c for c in candidates if c["forget_acc"] <= goal + 1e-9]
+    best = max(meeting, key=lambda c: c["retain_acc"]) if meeting else min(candidates, key=lambda c: c["forget_acc"])
+    forget_accs = [c["forget_acc"] for c in candidates]
+    retain_accs = [c["retain_acc"] for c in candidates]
+    details = {
+        "reached": bool(meeting), "chosen": best["index"], "samples": samples, "finite_samples": len(candidates),
+        "prompt_losses": [float(x) for x in wanted], "prompt_alignment": best["alignment"],
+        "prompt_alignment_mean": sum(c["alignment"] for c in candidates) / len(candidates),
+        "sample_forget_acc": forget_accs, "sample_retain_acc": retain_accs,
+        "spread": {"forget_acc": [min(forget_accs), max(forget_accs)], "retain_acc": [min(retain_accs), max(retain_accs)]},
+    }
+    return MethodOutput(best["model"].cpu(), {"hypernet": hypernet, "samples": samples, "target": goal}, details)
