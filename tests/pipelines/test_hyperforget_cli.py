@@ -48,7 +48,8 @@ def test_train_on_ray_resume_and_forget(tmp_path, capsys, digits_checkpoint):
     assert report["method"] == "hyperforget" and report["target_met"]
     assert report["metrics"]["test_forget_acc"] <= 0.05
     details = report["details"]
-    assert details["samples"] == 8 and len(details["sample_retain_acc"]) == 8 and details["reached"]
+    assert details["samples"] == 4 and len(details["sample_retain_acc"]) == 4 and details["reached"]
+    assert -10 < details["prompt_alignment"] <= 1 and len(details["achieved_losses"]) == 10
     assert report["params"]["hypernet"] == str(tmp_path / "hn")
 
 

@@ -35,7 +35,7 @@ class HypernetConfig:
     batch_size: int = 128
     lr: float = 1e-3
     ema: float = 0.999
-    sample_steps: int = 50
+    sample_steps: int = 20
     seed: int = 0
 
     def to_dict(self) -> dict:
