@@ -5,8 +5,10 @@
    `run-NNNNN.parquet`, atomically, under `--checkpoints` (default `HYPERNET.checkpoints`,
    beside the output). A shard already there for the same model, data and settings is kept, so
    a killed collection goes on where it stopped; one made for anything else is refused.
-2. DiHyFo: the basis and the denoiser are fitted on the shards (`train_hypernet`); the
-   hypernetwork directory appears atomically at `--out`.
+2. DiHyFo: the basis is fitted on the shards in the driver (an N x N problem), the denoiser
+   with Ray Train, data parallel (DDP, gloo on CPU, NCCL on GPU), each worker drawing its share
+   of every batch; rank 0 hands back the EMA weights. The hypernetwork directory appears
+   atomically at `--out`.
 3. MLflow: one run (experiment `amnesis`, tag `kind=hyperforget-train`) with the settings,
    the loss curve and the timings.
 """
@@ -176,9 +178,13 @@ def train_hyperforget(model_path: str, data_spec: str, out: str, runs: int = 22,
     info = {"arch": meta["arch"], "model_fingerprint": model_fingerprint(model), "data": str(data_spec),
             "data_fingerprint": dataset.fingerprint, "runs": runs, "every": every, "recipe": recipe.to_dict(),
             "checkpoints_dir": str(directory), "collect_seconds": collected["seconds"], "runs_kept": collected["kept"]}
+    ran: dict = {"denoiser_workers": 0}  # 0: trained in this process
+    fit = None if in_process else (lambda z, condition, cfg: fit_denoiser_on_ray(z, condition, cfg, workers, curve, ran))
     net = train_hypernet(params, losses, final, left_out, probe_ids, config, info,
-                         on_step=lambda step, loss: curve.append((step, loss)) if step % 50 == 0 else None)
+                         on_step=lambda step, loss: curve.append((step, loss)) if step % 50 == 0 else None,
+                         fit_denoiser=fit)
     net.info["train_seconds"] = time.perf_counter() - started
+    net.info.update(ran)
     net.info["final_loss"] = sum(loss for _, loss in curve[-10:]) / max(1, len(curve[-10:]))
     save_hypernet(net, out)
     if track:
@@ -199,3 +205,78 @@ def _track(out: str, net, curve) -> None:
         for step, loss in curve:
             mlflow.log_metric("denoiser_loss", loss, step=step)
         mlflow.log_artifacts(out, artifact_path="hypernet")
+
+
+class DenoiserChannel:
+    """Driver-owned actor: rank 0 leaves the trained EMA weights and its loss curve here."""
+
+    def __init__(self):
+        self.found = None
+
+    def put(self, state: dict, curve: list) -> None:
+        self.found = (state, curve)
+
+    def get(self):
+        return self.found
+
+
+def _denoiser_worker(loop: dict) -> None:
+    """One Ray Train worker: its share of every batch, DDP-averaged gradients."""
+    import ray
+    import ray.train
+    from ray.train.torch import get_device, prepare_model
+
+    from unlearning.hyperforget.diffusion import train_denoiser
+
+    torch.set_num_threads(loop["threads"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    curve: list = []
+    ema = train_denoiser(loop["z"], loop["condition"], loop["config"], device=get_device(), rank=rank, world=world,
+                         wrap=prepare_model,
+                         on_step=lambda step, loss: curve.append((step, loss)) if rank == 0 and step % 50 == 0 else None)
+    if rank == 0:
+        ray.get(loop["channel"].put.remote(ema.state_dict(), curve))
+
+
+def fit_denoiser_on_ray(z, condition, config: HypernetConfig, workers: int | None, curve: list, ran: dict):
+    """The denoiser trained by a TorchTrainer of `workers` (default 2, capped by the cluster)."""
+    import shutil
+    import uuid
+
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipelines.distributed.plan import worker_resources
+    from pipelines.ray_session import ensure_ray, fit_off_main_thread, resolve_workers, run_storage
+    from unlearning.hyperforget.diffusion import Denoiser
+
+    cluster = ensure_ray()
+    count = resolve_workers(workers, cluster)
+    ran["denoiser_workers"] = count
+    use_gpu, per_worker, threads = worker_resources(cluster, count)
+    channel = ray.remote(num_cpus=0)(DenoiserChannel).remote()
+    storage, temporary = run_storage("hyperforget")
+    trainer = TorchTrainer(
+        _denoiser_worker,
+        train_loop_config={"z": z, "condition": condition, "config": config, "channel": channel, "threads": threads},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=count, use_gpu=use_gpu, resources_per_worker=per_worker),
+        run_config=RunConfig(name=f"hyperforget-{uuid.uuid4().hex[:8]}", storage_path=storage,
+                             failure_config=FailureConfig(max_failures=0)),
+    )
+    try:
+        fit_off_main_thread(trainer.fit)
+        found = ray.get(channel.get.remote())
+    finally:
+        ray.kill(channel)
+        if temporary:
+            shutil.rmtree(storage, ignore_errors=True)
+    if found is None:
+        raise RuntimeError("the denoiser's Ray Train run ended without rank 0's weights")
+    state, rank0_curve = found
+    curve.extend(rank0_curve)
+    denoiser = Denoiser(z.shape[1], condition.shape[1], config.hidden, config.blocks)
+    denoiser.load_state_dict(state)
+    return denoiser.eval()

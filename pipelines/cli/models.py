@@ -72,8 +72,9 @@ def add_commands(commands) -> None:
     train_hyper.add_argument("--checkpoints", metavar="DIR",
                              help="where the runs' Parquet shards go and are found again after a kill "
                                   "(default: OUT.checkpoints)")
-    train_hyper.add_argument("--workers", type=int, help="runs at once on Ray (default 2, or the cluster's GPUs/CPUs)")
-    train_hyper.add_argument("--in-process", action="store_true", help="run the runs here, one after another (no Ray)")
+    train_hyper.add_argument("--workers", type=int, help="runs at once on Ray, and Ray Train workers for the "
+                                                         "denoiser (default 2, or the cluster's GPUs/CPUs)")
+    train_hyper.add_argument("--in-process", action="store_true", help="everything here, one run after another (no Ray)")
     train_hyper.add_argument("--no-track", action="store_true", help="do not record the training in MLflow")
     train_hyper.set_defaults(func=cmd_hyperforget_train)
 

@@ -29,6 +29,7 @@ def test_train_on_ray_resume_and_forget(tmp_path, capsys, digits_checkpoint):
     assert [s.name for s in shards] == [f"run-0000{i}.parquet" for i in range(4)]
     info = json.loads((tmp_path / "hn" / "hypernet.json").read_text())
     assert info["checkpoints"] == 4 * 3 and info["runs"] == 4  # a snapshot per epoch
+    assert info["denoiser_workers"] == 2  # Ray Train, data parallel
     [found] = mlflow.search_runs(experiment_names=["amnesis"], filter_string="tags.kind = 'hyperforget-train'",
                                  output_format="list")
     assert found.data.params["runs"] == "4" and "train_seconds" in found.data.metrics

@@ -121,26 +121,33 @@ def schedule(config: HypernetConfig) -> Tensor:
 
 
 def train_denoiser(z: Tensor, condition: Tensor, config: HypernetConfig, on_step=None,
-                   device: str | torch.device = "cpu") -> Denoiser:
-    """Fit the denoiser to (z₀, condition) pairs with the simple DDPM loss on z₀; returns its EMA."""
+                   device: str | torch.device = "cpu", rank: int = 0, world: int = 1, wrap=None) -> Denoiser:
+    """Fit the denoiser to (z₀, condition) pairs with the simple DDPM loss on z₀; returns its EMA.
+
+    Data parallel when `world` > 1: each of the `world` processes (this one is `rank`) draws its
+    own share of every batch of `config.batch_size` with its own generator, and `wrap` (Ray
+    Train's `prepare_model`, DDP) averages the gradients; every rank starts from the same
+    initialisation, so all ranks hold the same weights and the same EMA."""
     import copy
 
-    generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
     model = Denoiser(z.shape[1], condition.shape[1], config.hidden, config.blocks).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
+    trained = wrap(model) if wrap is not None else model
+    generator = torch.Generator().manual_seed(config.seed * 1000 + rank)
+    optimizer = torch.optim.AdamW(trained.parameters(), lr=config.lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=config.steps,
                                                     pct_start=0.05)
     alpha_bar = schedule(config).float()
     z, condition = z.float(), condition.float()
+    share = max(1, min(config.batch_size, len(z)) // world)
     for step in range(config.steps):
-        rows = torch.randint(0, len(z), (min(config.batch_size, len(z)),), generator=generator)
-        t = torch.randint(0, config.timesteps, (len(rows),), generator=generator)
-        noise = torch.randn(len(rows), z.shape[1], generator=generator)
+        rows = torch.randint(0, len(z), (share,), generator=generator)
+        t = torch.randint(0, config.timesteps, (share,), generator=generator)
+        noise = torch.randn(share, z.shape[1], generator=generator)
         a = alpha_bar[t].view(-1, 1)
         noisy = a.sqrt() * z[rows] + (1 - a).sqrt() * noise
-        loss = F.mse_loss(model(noisy.to(device), t.to(device), condition[rows].to(device)), z[rows].to(device))
+        loss = F.mse_loss(trained(noisy.to(device), t.to(device), condition[rows].to(device)), z[rows].to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

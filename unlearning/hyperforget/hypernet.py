@@ -69,9 +69,10 @@ def forgotten_levels(losses: Tensor, final: Tensor, left_out: list[tuple[int, ..
 
 def train_hypernet(params: Tensor, losses: Tensor, final: Tensor, left_out: list[tuple[int, ...]],
                    probe_ids: Tensor, config: HypernetConfig, info: dict, on_step=None,
-                   device: str | torch.device = "cpu") -> Hypernet:
+                   device: str | torch.device = "cpu", fit_denoiser=None) -> Hypernet:
     """Fit the basis and the denoiser to N snapshots: `params` [N, D], `losses` [N, C], `final`
-    [N] bool (a run's last snapshot), `left_out` (each snapshot's run's left-out classes)."""
+    [N] bool (a run's last snapshot), `left_out` (each snapshot's run's left-out classes).
+    `fit_denoiser(z, condition, config)` trains the denoiser elsewhere (pipelines: Ray Train)."""
     if len(params) < 4:
         raise UserError(f"a hypernetwork needs at least 4 checkpoints, got {len(params)}")
     if not bool(torch.isfinite(losses).all()) or not bool(torch.isfinite(params).all()):
@@ -81,7 +82,10 @@ def train_hypernet(params: Tensor, losses: Tensor, final: Tensor, left_out: list
     features = loss_features(losses)
     mean, std = features.mean(0), features.std(0).clamp(min=1e-3)
     condition = ((features - mean) / std).float()
-    denoiser = train_denoiser(z, condition, config, on_step, device)
+    if fit_denoiser is not None:
+        denoiser = fit_denoiser(z, condition, config)
+    else:
+        denoiser = train_denoiser(z, condition, config, on_step, device)
     info = {**info, "checkpoints": len(params), "parameters": params.shape[1], "components": z.shape[1]}
     return Hypernet(basis, denoiser, mean.float(), std.float(), forgotten_levels(losses, final, left_out).float(),
                     probe_ids.long(), config, info)
