@@ -42,7 +42,8 @@ def test_train_on_ray_resume_and_forget(tmp_path, capsys, digits_checkpoint):
     assert "of 4 runs (3 found from before)" in out
 
     code, out, err = run(capsys, "forget", "--model", digits_checkpoint, "--data", "digits", "--forget", "class:1",
-                         "--method", "hyperforget", "--hypernet", tmp_path / "hn", "--out", tmp_path / "run")
+                         "--method", "hyperforget", "--hypernet", tmp_path / "hn", "--out", tmp_path / "run",
+                         "--ray-min-rows", "0")  # the samples are scored by the Ray evaluators
     assert code == 0, err
     assert "no --importance store" not in err  # hyperforget reads no importance
     report = json.loads((tmp_path / "run" / "report.json").read_text())
@@ -52,6 +53,7 @@ def test_train_on_ray_resume_and_forget(tmp_path, capsys, digits_checkpoint):
     assert details["samples"] == 4 and len(details["sample_retain_acc"]) == 4 and details["reached"]
     assert -10 < details["prompt_alignment"] <= 1 and len(details["achieved_losses"]) == 10
     assert report["params"]["hypernet"] == str(tmp_path / "hn")
+    assert report["passes_on_ray"]  # D_f and the retained sample were read on Ray
 
 
 def test_bad_hyperforget_requests(tmp_path, capsys, digits_checkpoint, untrained_digits_checkpoint):

@@ -61,13 +61,17 @@ def hyperforget_method(
     vectors = net.sample(wanted, seeds)
     goal = task.search_target(target)
     retain = task.retain_sample(retain_rows)
-    candidates = []
-    for index, vector in enumerate(vectors):
-        model = with_parameters(task.model, vector)
-        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
-            continue
-        candidates.append({"index": index, "model": model, "forget_acc": task.forget_accuracy(model),
-                           "retain_acc": task.accuracy(model, retain)})
+    finite = [(index, with_parameters(task.model, vector)) for index, vector in enumerate(vectors)]
+    finite = [(index, model) for index, model in finite if all(bool(torch.isfinite(p).all()) for p in model.parameters())]
+    models = [model for _, model in finite]
+    # all samples in one outcome pass per split, wherever the executor runs it (Ray for large splits)
+    on_forget = task.executor.outcomes(models, task.forget_split, task.normalize) if models else []
+    on_retain = task.executor.outcomes(models, retain, task.normalize) if models else []
+    candidates = [
+        {"index": index, "model": model, "forget_acc": found_f.accuracy(task.forget_split.labels),
+         "retain_acc": found_r.accuracy(retain.labels)}
+        for (index, model), found_f, found_r in zip(finite, on_forget, on_retain)
+    ]
     if not candidates:
         raise UserError(f"every sample of {hypernet} has non-finite weights; retrain the hypernetwork")
     meeting = [c for c in candidates if c["forget_acc"] <= goal + 1e-9]
