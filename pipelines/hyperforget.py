@@ -113,23 +113,14 @@ def collect(model, data_spec: str, dataset, directory: Path, runs: int, every: i
 
 
 def _collect_on_ray(model, data_spec, todo, config, every, directory, settings, workers) -> None:
+    """The runs as Ray tasks, at most `workers` at a time; each shard lands as its run ends."""
     import ray
 
-    from pipelines.ray_session import ensure_ray, resolve_workers
+    from pipelines.ray_session import run_tasks
 
-    cluster = ensure_ray()
-    parallel = resolve_workers(workers, cluster)
-    gpus = int(cluster.get("GPU", 0))
-    threads = 1 if gpus else max(1, int(cluster.get("CPU", 1)) // parallel)
-    task = ray.remote(_collect_one).options(num_cpus=threads, num_gpus=1 if gpus else 0, max_retries=0)
     model_ref = ray.put(model)
-    pending = []
-    for plan in todo:  # at most `parallel` runs at a time; each shard lands as its run ends
-        if len(pending) >= parallel:
-            done, pending = ray.wait(pending, num_returns=1)
-            ray.get(done)
-        pending.append(task.remote(model_ref, data_spec, plan, config, every, str(directory), settings, threads))
-    ray.get(pending)
+    run_tasks(_collect_one, [(model_ref, data_spec, plan, config, every, str(directory), settings) for plan in todo],
+              workers)
 
 
 def read_shards(directory: Path, runs: int, num_classes: int, seed: int = 0):

@@ -199,3 +199,27 @@ def set_storage(path: str | None) -> None:
     """`--storage PATH`: this process's Ray runs keep their state under PATH."""
     if path:
         os.environ[STORAGE_ENV] = path
+
+
+def run_tasks(fn: Callable, calls: list[tuple], workers: int | None) -> tuple[list, int]:
+    """`fn(*call, threads)` for each call as Ray tasks, at most `workers` (resolved against the
+    cluster: one GPU each where there are GPUs, else a share of the CPUs) at a time; returns
+    (the results in call order, how many ran at once). An ObjectRef in a call is passed as its
+    value. No retries: a failed task raises here."""
+    import ray
+
+    cluster = ensure_ray()
+    parallel = resolve_workers(workers, cluster)
+    gpus = int(cluster.get("GPU", 0))
+    threads = 1 if gpus else max(1, int(cluster.get("CPU", 1)) // parallel)
+    task = ray.remote(fn).options(num_cpus=threads, num_gpus=1 if gpus else 0, max_retries=0)
+    pending: dict = {}
+    results: list = [None] * len(calls)
+    for index, call in enumerate(calls):
+        if len(pending) >= parallel:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            results[pending.pop(done[0])] = ray.get(done[0])
+        pending[task.remote(*call, threads)] = index
+    for ref, index in pending.items():
+        results[index] = ray.get(ref)
+    return results, parallel

@@ -94,22 +94,11 @@ def build_references(model_path: str, data_spec: str, out: str, count: int = 4, 
 def _train_on_ray(model, data_spec: str, members, config: TrainConfig, seeds: list[int], workers: int | None):
     import ray
 
-    from pipelines.ray_session import ensure_ray, resolve_workers
+    from pipelines.ray_session import run_tasks
 
-    cluster = ensure_ray()
-    parallel = resolve_workers(workers, cluster)
-    gpus = int(cluster.get("GPU", 0))
-    threads = 1 if gpus else max(1, int(cluster.get("CPU", 1)) // parallel)
-    task = ray.remote(_train_remote).options(num_cpus=threads, num_gpus=1 if gpus else 0, max_retries=0)
     model_ref = ray.put(model)
-    pending, states = {}, [None] * len(seeds)
-    for k, seed in enumerate(seeds):  # at most `parallel` at a time
-        if len(pending) >= parallel:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            states[pending.pop(done[0])] = ray.get(done[0])
-        pending[task.remote(model_ref, data_spec, members[k], config, seed, threads)] = k
-    for ref, k in pending.items():
-        states[k] = ray.get(ref)
+    states, parallel = run_tasks(_train_remote, [(model_ref, data_spec, members[k], config, seed)
+                                                 for k, seed in enumerate(seeds)], workers)
     return states, f"on Ray, {parallel} at a time"
 
 
