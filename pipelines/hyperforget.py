@@ -91,6 +91,8 @@ def collect(model, data_spec: str, dataset, directory: Path, runs: int, every: i
     settings = {"model_fingerprint": model_fingerprint(model), "data_fingerprint": dataset.fingerprint,
                 "every": every, "recipe": config.to_dict()}
     directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob(".run-*.parquet.tmp*"):  # a run killed while writing its shard
+        stale.unlink(missing_ok=True)
     todo = []
     for plan in plan_runs(dataset.num_classes, runs, seed):
         path = shard_path(directory, plan)

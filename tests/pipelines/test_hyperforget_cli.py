@@ -4,6 +4,10 @@ record) and `unlearn forget --method hyperforget` end to end."""
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 
 import mlflow
 import pytest
@@ -69,3 +73,23 @@ def test_bad_hyperforget_requests(tmp_path, capsys, digits_checkpoint, untrained
     code, _, err = run(capsys, "forget", "--model", digits_checkpoint, "--data", "digits", "--forget", "class:1",
                        "--method", "hyperforget", "--out", tmp_path / "run", "--no-track")
     assert code == 2 and "needs a hypernetwork" in err and not (tmp_path / "run").exists()
+
+
+def test_a_collection_killed_mid_way_goes_on_where_it_stopped(tmp_path, capsys, digits_checkpoint):
+    """A real SIGKILL once two runs' shards have landed; the same command again runs the rest."""
+    argv = ["hyperforget", "train", "--model", str(digits_checkpoint), "--data", "digits", "--out", str(tmp_path / "hn"),
+            "--runs", "6", "--epochs", "3", "--steps", "50", "--in-process", "--no-track"]
+    child = subprocess.Popen([sys.executable, "-m", "pipelines.cli", *argv], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    shards = tmp_path / "hn.checkpoints"
+    deadline = time.monotonic() + 120
+    while len(list(shards.glob("run-*.parquet"))) < 2 and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    done = len(list(shards.glob("run-*.parquet")))
+    assert child.returncode == -signal.SIGKILL and 2 <= done < 6 and not (tmp_path / "hn").exists()
+    code, out, err = run(capsys, *argv)
+    assert code == 0, err
+    assert f"of 6 runs ({done} found from before)" in out
+    assert sorted(p.name for p in shards.iterdir()) == [f"run-0000{i}.parquet" for i in range(6)]  # no leftovers
