@@ -118,8 +118,9 @@ def _collect_on_ray(model, data_spec, todo, config, every, directory, settings, 
     """The runs as Ray tasks, at most `workers` at a time; each shard lands as its run ends."""
     import ray
 
-    from pipelines.ray_session import run_tasks
+    from pipelines.ray_session import ensure_ray, run_tasks
 
+    ensure_ray()  # before ray.put, whose auto-init would join (or hang on) another cluster
     model_ref = ray.put(model)
     run_tasks(_collect_one, [(model_ref, data_spec, plan, config, every, str(directory), settings) for plan in todo],
               workers)

@@ -94,8 +94,9 @@ def build_references(model_path: str, data_spec: str, out: str, count: int = 4, 
 def _train_on_ray(model, data_spec: str, members, config: TrainConfig, seeds: list[int], workers: int | None):
     import ray
 
-    from pipelines.ray_session import run_tasks
+    from pipelines.ray_session import ensure_ray, run_tasks
 
+    ensure_ray()  # before ray.put, whose auto-init would join (or hang on) another cluster
     model_ref = ray.put(model)
     states, parallel = run_tasks(_train_remote, [(model_ref, data_spec, members[k], config, seed)
                                                  for k, seed in enumerate(seeds)], workers)
