@@ -33,8 +33,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from unlearning.data import Dataset, ForgetSet, Split
+from unlearning.data.containers import seeded_sample
 from unlearning.errors import UserError
-from unlearning.models import logits_of
+from unlearning.metrics import predict_logits
 
 GAMMA = 1.0  # score(x) is then the rank of x's ratio among the population's
 FPR = 0.05  # the false-positive rate `rmia_flagged` is read at
@@ -76,20 +77,10 @@ class References:
         return mask
 
 
-@torch.no_grad()
-def label_probs(model: nn.Module, split: Split, normalize: dict | None, batch_size: int = 512) -> Tensor:
+def label_probs(model: nn.Module, split: Split, normalize: dict | None) -> Tensor:
     """Softmax probability of each row's label (float64), in eval mode."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    parts = []
-    try:
-        for inputs, labels in split.batches(batch_size, normalize=normalize):
-            log_p = F.log_softmax(logits_of(model(inputs.to(device))).double(), dim=1).cpu()
-            parts.append(log_p.gather(1, labels.view(-1, 1)).squeeze(1).exp())
-    finally:
-        model.train(was_training)
-    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.float64)
+    log_p = F.log_softmax(predict_logits(model, split, normalize).double(), dim=1)
+    return log_p.gather(1, split.labels.view(-1, 1)).squeeze(1).exp()
 
 
 def rmia_scores(target_x: Tensor, ref_x: Tensor, out_x: Tensor, target_z: Tensor, ref_z: Tensor, a: float,
@@ -129,12 +120,6 @@ def flagged_share(positives: Tensor, negatives: Tensor, fpr: float = FPR) -> flo
         return float("nan")
     threshold = torch.quantile(negatives.double(), 1 - fpr)
     return float((positives > threshold).double().mean())
-
-
-def seeded_sample(n: int, size: int, seed: int) -> Tensor:
-    """At most `size` of range(n), seeded, in ascending order."""
-    generator = torch.Generator().manual_seed(seed)
-    return torch.sort(torch.randperm(n, generator=generator)[:size]).values
 
 
 def choose_a(references: References, dataset: Dataset, normalize: dict | None, seed: int = 0,
@@ -231,12 +216,10 @@ def train_reference(original: nn.Module, train: Split, members: Tensor, config, 
     """One reference: the original's architecture, fresh, trained with `config` on its half."""
     from dataclasses import replace
 
-    from unlearning.checkpoint import model_meta, new_model
+    from unlearning.training import fresh_like
     from unlearning.training import train as train_model
 
-    meta = model_meta(original)
-    model = new_model(meta["arch"], meta["num_classes"], tuple(meta["input_shape"]), meta.get("normalize"),
-                      seed=seed, **meta.get("arch_args", {}))
+    model = fresh_like(original, seed)
     train_model(model, train.where(members), replace(config, seed=seed), normalize, device=device)
     return model.cpu()
 

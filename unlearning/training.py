@@ -62,6 +62,15 @@ DEFAULT_RECIPES = {
 }
 
 
+def fresh_like(model: nn.Module, seed: int) -> nn.Module:
+    """A freshly initialised network of `model`'s architecture (same classes, input, normalisation)."""
+    from unlearning.checkpoint import model_meta, new_model
+
+    meta = model_meta(model)
+    return new_model(meta["arch"], meta["num_classes"], tuple(meta["input_shape"]), meta.get("normalize"),
+                     seed=seed, **meta.get("arch_args", {}))
+
+
 def augment_batch(inputs: Tensor, generator: torch.Generator) -> Tensor:
     """Random 4-pixel-padded crop and horizontal flip, per sample."""
     n, _, height, width = inputs.shape

@@ -67,6 +67,12 @@ class Trigger:
         return Trigger(torch.cat([slot_a, slot_b]), cat_inputs(clean_a, clean_b), template.value, template.size)
 
 
+def seeded_sample(n: int, size: int, seed: int) -> Tensor:
+    """At most `size` of range(n), drawn with `seed`, in ascending order."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.sort(torch.randperm(n, generator=generator)[:size]).values
+
+
 @dataclass
 class Split:
     ids: Tensor

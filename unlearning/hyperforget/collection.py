@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from unlearning.data import Dataset, Split
-from unlearning.models import logits_of
+from unlearning.metrics import predict_logits
 
 PROBE_PER_CLASS = 64
 
@@ -72,34 +72,22 @@ def probe_rows(dataset: Dataset, per_class: int = PROBE_PER_CLASS, seed: int = 0
     return dataset.train.ids[torch.sort(torch.cat(picked)).values]
 
 
-@torch.no_grad()
 def class_losses(model: nn.Module, probe: Split, normalize: dict | None, num_classes: int) -> Tensor:
     """Mean cross-entropy of each class's probe rows (NaN for a class without rows), float64."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    sums = torch.zeros(num_classes, dtype=torch.float64)
-    counts = torch.zeros(num_classes, dtype=torch.float64)
-    try:
-        for inputs, labels in probe.batches(512, normalize=normalize):
-            losses = F.cross_entropy(logits_of(model(inputs.to(device))).double(), labels.to(device), reduction="none")
-            sums.index_add_(0, labels, losses.cpu())
-            counts.index_add_(0, labels, torch.ones_like(losses.cpu()))
-    finally:
-        model.train(was_training)
+    losses = F.cross_entropy(predict_logits(model, probe, normalize).double(), probe.labels, reduction="none")
+    sums = torch.zeros(num_classes, dtype=torch.float64).index_add_(0, probe.labels, losses)
+    counts = torch.zeros(num_classes, dtype=torch.float64).index_add_(0, probe.labels, torch.ones_like(losses))
     return torch.where(counts > 0, sums / counts.clamp(min=1), torch.nan)
 
 
 def collect_run(original: nn.Module, dataset: Dataset, plan: RunPlan, config, probe: Split, every: int,
                 device: str | torch.device = "cpu") -> list[dict]:
     """One run's snapshots: [{"step", "params" (float32), "losses" (per class, float64)}]."""
-    from unlearning.checkpoint import model_meta, new_model
-    from unlearning.training import train
+    from unlearning.checkpoint import model_meta
+    from unlearning.training import fresh_like, train
 
-    meta = model_meta(original)
-    normalize = meta.get("normalize")
-    model = new_model(meta["arch"], meta["num_classes"], tuple(meta["input_shape"]), normalize,
-                      seed=config.seed, **meta.get("arch_args", {}))
+    normalize = model_meta(original).get("normalize")
+    model = fresh_like(original, config.seed)  # the original's initialisation
     kept = ~torch.isin(dataset.train.labels, torch.tensor(plan.left_out, dtype=torch.int64))
     snapshots: list[dict] = []
     steps = {"done": 0}

@@ -14,7 +14,7 @@ from unlearning.errors import UserError
 from unlearning.methods.registry import MethodOutput, register_method
 from unlearning.methods.task import UnlearningTask
 from unlearning.models import logits_of
-from unlearning.training import TrainConfig, train
+from unlearning.training import TrainConfig, fresh_like, train
 
 
 def wrong_labels(split: Split, num_classes: int, generator: torch.Generator) -> Split:
@@ -28,12 +28,8 @@ def retrain_method(task: UnlearningTask, epochs: int | None) -> MethodOutput:
     """Retrain from scratch on D_r with the original recipe (the gold standard)."""
     if task.train_config is None:
         raise UserError("retrain needs the original training recipe; the checkpoint has none")
-    meta = model_meta(task.model)
     config = task.train_config if epochs is None else replace(task.train_config, epochs=epochs)
-    model = new_model(
-        meta["arch"], meta["num_classes"], tuple(meta["input_shape"]), meta.get("normalize"),
-        seed=config.seed, **meta.get("arch_args", {}),
-    )
+    model = fresh_like(task.model, config.seed)
     train(model, task.retain_split, config, task.normalize, device=task.device)
     return MethodOutput(model.cpu(), {"epochs": config.epochs, "seed": config.seed})
 

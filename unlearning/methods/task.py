@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from unlearning.data import Dataset, ForgetSet, Split
+from unlearning.data.containers import seeded_sample
 from unlearning.passes import LocalExecutor
 from unlearning.targets import forget_target, request_rho
 from unlearning.training import TrainConfig
@@ -151,9 +152,7 @@ class UnlearningTask:
         seed = self.seed if seed is None else seed
         key = ("retain_sample", size, seed)
         if key not in self.cache:
-            generator = torch.Generator().manual_seed(seed)
-            picks = torch.randperm(len(self.retain_split), generator=generator)[:size]
-            self.cache[key] = self.retain_split.subset(picks.sort().values)
+            self.cache[key] = self.retain_split.subset(seeded_sample(len(self.retain_split), size, seed))
         return self.cache[key]
 
     def forget_accuracy(self, model: nn.Module) -> float:
