@@ -15,14 +15,12 @@ mode `per_sample` is exact: one gradient per sample, mean over samples. For mode
 Linear, Conv1d/2d and normalisation layers they come from one hooked batch backward
 (per_sample.py, about a batch backward's cost); any other model goes through torch.func.vmap.
 
-Per-sample gradients are tens of MB a chunk; `keep_freed_memory` keeps glibc from handing them
+Per-sample gradients are tens of MB a chunk; `heap.keep_freed_memory` keeps glibc from handing them
 back to the OS after every chunk (docs/implementation-notes.md#per-sample-gradients-and-the-allocator).
 """
 
 from __future__ import annotations
 
-import ctypes
-import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -32,8 +30,9 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from unlearning.errors import UserError
+from unlearning.heap import HEAP_BLOCK_BYTES, keep_freed_memory
 from unlearning.models import logits_of
-from unlearning.per_sample import HEAP_BLOCK_BYTES, LayerwisePerSample
+from unlearning.per_sample import LayerwisePerSample
 
 KINDS = ("fisher", "l2", "l2_norm")
 MODES = ("batch", "per_sample")
@@ -164,14 +163,6 @@ def per_sample_chunk_size(model: nn.Module, budget_bytes: int = PER_SAMPLE_BUDGE
     return max(1, min(MAX_PER_SAMPLE_CHUNK, budget_bytes // (3 * 4 * max(parameters, 1))))
 
 
-# glibc's malloc on 64-bit: blocks of HEAP_BLOCK_BYTES (per_sample.py) or more are mmapped (32 MiB
-# is the largest threshold it accepts); a thread's arena is a list of 64 MiB heaps (HEAP_MAX_SIZE).
-HEAP_BYTES = 64 << 20
-KEEP_FREED_BYTES = 1 << 30  # free memory the main heap keeps at its top before trimming it
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3  # mallopt parameters (malloc.h)
-_freed_memory_kept: bool | None = None  # None: not asked yet
-
-
 def heap_chunk_size(model: nn.Module) -> int:
     """Samples per vmap call whose largest block (the `.double()` copy of the largest
     parameter's per-sample terms: chunk x its size x 8 bytes) stays below `HEAP_BLOCK_BYTES`,
@@ -181,36 +172,6 @@ def heap_chunk_size(model: nn.Module) -> int:
     """
     largest = max((p.numel() for p in trainable_parameters(model).values()), default=1)
     return max(1, (HEAP_BLOCK_BYTES - 1) // (8 * largest))
-
-
-def keep_freed_memory() -> bool:
-    """Make glibc's malloc keep freed memory for reuse; once per process, idempotent.
-
-    By default glibc mmaps a block of 128 KiB or more and unmaps it when freed, trims free
-    memory beyond 128 KiB at the top of the main heap, and unmaps a thread's heap as soon as it
-    is empty. Per-sample gradients are allocated and freed at every chunk, so each chunk
-    faulted its pages in afresh: 1,500-2,000 page faults a row for resnet_small in a thread
-    (Ray Train runs the train function in one), about as much time in the kernel as in the model. Here
-    blocks below 32 MiB come from the heaps, the main heap keeps up to 1 GiB free, and a top
-    pad of one whole heap keeps threads' heaps mapped. Memory is reused, not returned: a
-    process stays at its peak. Returns False (and changes nothing) without glibc.
-    """
-    global _freed_memory_kept
-    if _freed_memory_kept is None:
-        _freed_memory_kept = (
-            _mallopt(_M_MMAP_THRESHOLD, HEAP_BLOCK_BYTES)
-            and _mallopt(_M_TRIM_THRESHOLD, KEEP_FREED_BYTES)
-            and _mallopt(_M_TOP_PAD, HEAP_BYTES)
-        )
-    return _freed_memory_kept
-
-
-def _mallopt(parameter: int, value: int) -> bool:
-    try:
-        os.confstr("CS_GNU_LIBC_VERSION")  # raises where the C library is not glibc
-        return ctypes.CDLL(None).mallopt(parameter, value) == 1
-    except (AttributeError, OSError, ValueError):
-        return False
 
 
 def _batch_step(model, kind, inputs, labels, result, _chunk) -> None:

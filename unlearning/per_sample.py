@@ -34,9 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from unlearning.heap import HEAP_BLOCK_BYTES
 from unlearning.models import logits_of
 
-HEAP_BLOCK_BYTES = 32 << 20  # glibc mmaps blocks this large or larger (importance.keep_freed_memory)
 LAYER_BUDGET_BYTES = 256 << 20  # one layer's per-sample gradients and unfolded inputs, per chunk
 GROUPED_MIN_POSITIONS = 128  # convolutions with more output positions use a grouped backward
 SMALL_ROW = 4096  # terms per sample below which one float64 sum over the rows is cheaper
@@ -144,7 +144,7 @@ def _row_bytes(module: nn.Module, x: Tensor, g: Tensor) -> tuple[int, int]:
     """Bytes a sample takes in one chunk's blocks: all of them, and the largest block.
 
     A chunk's largest block is kept below HEAP_BLOCK_BYTES so that malloc serves it from a heap
-    `importance.keep_freed_memory` keeps (a fresh mmap faults its pages in at every chunk)."""
+    `heap.keep_freed_memory` keeps (a fresh mmap faults its pages in at every chunk)."""
     weight = module.weight.numel() if module.weight is not None else 1
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):
         kernel = math.prod(module.weight.shape[1:]) * module.groups

@@ -178,23 +178,23 @@ def test_default_chunk_keeps_per_sample_blocks_on_the_heap():
 
 
 def test_allocator_setting_is_made_once_and_is_a_no_op_without_glibc(monkeypatch):
-    import unlearning.importance as importance
+    import unlearning.heap as heap
 
     calls = []
-    monkeypatch.setattr(importance, "_freed_memory_kept", None)
-    monkeypatch.setattr(importance, "_mallopt", lambda parameter, value: calls.append(parameter) or True)
-    assert importance.keep_freed_memory() and importance.keep_freed_memory()
-    assert sorted(calls) == sorted([importance._M_MMAP_THRESHOLD, importance._M_TRIM_THRESHOLD, importance._M_TOP_PAD])
+    monkeypatch.setattr(heap, "_freed_memory_kept", None)
+    monkeypatch.setattr(heap, "_mallopt", lambda parameter, value: calls.append(parameter) or True)
+    assert heap.keep_freed_memory() and heap.keep_freed_memory()
+    assert sorted(calls) == sorted([heap._M_MMAP_THRESHOLD, heap._M_TRIM_THRESHOLD, heap._M_TOP_PAD])
 
     monkeypatch.undo()
-    monkeypatch.setattr(importance, "_freed_memory_kept", None)
+    monkeypatch.setattr(heap, "_freed_memory_kept", None)
 
     def not_glibc(name):
         raise ValueError(f"unrecognized configuration name {name!r}")
 
-    monkeypatch.setattr(importance.os, "confstr", not_glibc)
-    assert importance.keep_freed_memory() is False
-    assert importance.keep_freed_memory() is False  # asked once: the answer is kept
+    monkeypatch.setattr(heap.os, "confstr", not_glibc)
+    assert heap.keep_freed_memory() is False
+    assert heap.keep_freed_memory() is False  # asked once: the answer is kept
 
 
 class _Mixed(nn.Module):

@@ -1,0 +1,53 @@
+"""Keeping freed memory in the process: every pass over data allocates and frees the same
+large blocks at every batch (activations, per-sample gradients), and glibc's defaults hand
+them back to the OS each time, so every batch faults its pages in afresh
+(docs/implementation-notes.md#per-sample-gradients-and-the-allocator).
+
+`keep_freed_memory` is called by every pass (importance, outcomes, logits); it is
+process-wide and idempotent, and a no-op without glibc.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+# glibc's malloc on 64-bit: blocks of HEAP_BLOCK_BYTES or more are mmapped (32 MiB is the largest
+# threshold it accepts); a thread's arena is a list of 64 MiB heaps (HEAP_MAX_SIZE).
+HEAP_BLOCK_BYTES = 32 << 20
+HEAP_BYTES = 64 << 20
+KEEP_FREED_BYTES = 1 << 30  # free memory the main heap keeps at its top before trimming it
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3  # mallopt parameters (malloc.h)
+_freed_memory_kept: bool | None = None  # None: not asked yet
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory for reuse; once per process, idempotent.
+
+    By default glibc mmaps a block of 128 KiB or more and unmaps it when freed, trims free
+    memory beyond 128 KiB at the top of the main heap, and unmaps a thread's heap as soon as it
+    is empty. Per-sample gradients and a pass's activations are allocated and freed at every
+    chunk or batch, so each one faulted its pages in afresh: 1,500-2,000 page faults a row for
+    resnet_small's per-sample gradients in a thread (Ray Train runs the train function in one),
+    about as much time in the kernel as in the model, and 15-30 % of a one-thread forward pass.
+    Here blocks below 32 MiB come from the heaps, the main heap keeps up to 1 GiB free, and a
+    top pad of one whole heap keeps threads' heaps mapped. Memory is reused, not returned: a
+    process stays at its peak. Returns False (and changes nothing) without glibc.
+    """
+    global _freed_memory_kept
+    if _freed_memory_kept is None:
+        _freed_memory_kept = (
+            _mallopt(_M_MMAP_THRESHOLD, HEAP_BLOCK_BYTES)
+            and _mallopt(_M_TRIM_THRESHOLD, KEEP_FREED_BYTES)
+            and _mallopt(_M_TOP_PAD, HEAP_BYTES)
+        )
+    return _freed_memory_kept
+
+
+def _mallopt(parameter: int, value: int) -> bool:
+    try:
+        os.confstr("CS_GNU_LIBC_VERSION")  # raises where the C library is not glibc
+        return ctypes.CDLL(None).mallopt(parameter, value) == 1
+    except (AttributeError, OSError, ValueError):
+        return False
+
