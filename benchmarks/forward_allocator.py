@@ -1,12 +1,14 @@
-"""One outcome pass with and without `unlearning.heap.keep_freed_memory`, at several batch sizes.
+"""One forward pass over rows with and without `unlearning.heap.keep_freed_memory`, at several
+rows per forward.
 
-A search step is one forward pass over D_f. This times `predict_outcomes` of a fresh
-resnet_small (width 16) over --rows random 32x32 rows, each variant in a fresh process (the
-allocator setting is process-wide and cannot be undone), and reports seconds per pass (best
-of --repeats, after a warm-up pass) and minor page faults per row.
+A search step is one forward pass over D_f. This times eval-mode forwards of a fresh network
+(--arch: resnet_small width 16, or e.g. torchvision:resnet18) over --rows random 32x32 rows,
+each variant in a fresh process (the allocator setting is process-wide and cannot be undone),
+and reports seconds per pass (best of --repeats, after a warm-up pass) and minor page faults
+per row; and the rows per forward `unlearning.heap.rows_per_forward` picks for the network.
 
     .venv/bin/python -m benchmarks.forward_allocator                  # 1 thread, 2,500 rows
-    .venv/bin/python -m benchmarks.forward_allocator --threads 2 --rows 5000
+    .venv/bin/python -m benchmarks.forward_allocator --arch torchvision:resnet18 --rows 512
 """
 
 from __future__ import annotations
@@ -19,22 +21,27 @@ import sys
 import time
 
 
-def one_variant(keep: bool, batch: int, rows: int, threads: int, repeats: int) -> dict:
+def network(arch: str):
+    from unlearning.models import build_model
+
+    return build_model(arch, 10, (3, 32, 32), **({"width": 16} if arch == "resnet_small" else {})).eval()
+
+
+def one_variant(arch: str, keep: bool, batch: int, rows: int, threads: int, repeats: int) -> dict:
     import torch
 
     from unlearning.heap import keep_freed_memory
-    from unlearning.models import build_model
-    from unlearning.passes import predict_outcomes
 
     if keep:
         keep_freed_memory()
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = build_model("resnet_small", 10, (3, 32, 32), width=16)
+    model = network(arch)
     inputs = torch.randn(rows, 3, 32, 32)
 
+    @torch.no_grad()
     def one_pass():
-        return predict_outcomes([model], ((inputs[i : i + batch], None) for i in range(0, rows, batch)))
+        return [model(inputs[i : i + batch]).argmax(1) for i in range(0, rows, batch)]
 
     one_pass()
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -49,6 +56,7 @@ def one_variant(keep: bool, batch: int, rows: int, threads: int, repeats: int) -
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="resnet_small")
     parser.add_argument("--rows", type=int, default=2500)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batches", type=int, nargs="+", default=[512, 256, 128, 64])
@@ -57,16 +65,22 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.one:
         keep, batch = args.one.split(":")
-        print(json.dumps(one_variant(keep == "keep", int(batch), args.rows, args.threads, args.repeats)))
+        print(json.dumps(one_variant(args.arch, keep == "keep", int(batch), args.rows, args.threads, args.repeats)))
         return
-    print(f"{args.rows} rows, {args.threads} thread(s), best of {args.repeats}")
-    print("| allocator | batch | s per pass | minor faults per row |")
+    import torch
+
+    from unlearning.heap import rows_per_forward
+
+    chosen = rows_per_forward(network(args.arch), torch.zeros(1, 3, 32, 32), 256)
+    print(f"{args.arch}, {args.rows} rows, {args.threads} thread(s), best of {args.repeats}; "
+          f"rows_per_forward picks {chosen}")
+    print("| allocator | rows per forward | s per pass | minor faults per row |")
     print("|---|---:|---:|---:|")
     for keep in ("default", "keep"):
         for batch in args.batches:
             out = subprocess.run(
                 [sys.executable, "-m", "benchmarks.forward_allocator", "--one", f"{keep}:{batch}",
-                 "--rows", str(args.rows), "--threads", str(args.threads), "--repeats", str(args.repeats)],
+                 "--arch", args.arch, "--rows", str(args.rows), "--threads", str(args.threads), "--repeats", str(args.repeats)],
                 check=True, capture_output=True, text=True,
             ).stdout
             found = json.loads(out.strip().splitlines()[-1])

@@ -11,12 +11,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from unlearning.data import Split
-from unlearning.heap import keep_freed_memory
+from unlearning.heap import keep_freed_memory, rows_per_forward
 from unlearning.models import logits_of
 
-# rows per forward pass: 128 keeps the activations of the small networks below the block size
-# glibc would mmap (heap.HEAP_BLOCK_BYTES); 512 was 15-30 % slower at one thread
-EVAL_BATCH = 128
+# rows decoded per batch of an outcome pass; each forward takes at most this many, fewer where the
+# model's activations would exceed what glibc keeps in its heaps (heap.rows_per_forward)
+EVAL_BATCH = 256
 
 
 @torch.no_grad()
@@ -27,11 +27,13 @@ def predict_logits(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    size = None
+    outputs = []
     try:
-        outputs = [
-            logits_of(model(inputs.to(device))).float().cpu()
-            for inputs, _ in split.batches(batch_size, normalize=normalize)
-        ]
+        for inputs, _ in split.batches(batch_size, normalize=normalize):
+            inputs = inputs.to(device)
+            size = size or rows_per_forward(model, inputs, batch_size)
+            outputs.extend(logits_of(model(part)).float().cpu() for part in inputs.split(size))
     finally:
         model.train(was_training)
     if not outputs:

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from unlearning.data import Split
 from unlearning.data.rows import is_lazy
-from unlearning.heap import keep_freed_memory
+from unlearning.heap import keep_freed_memory, rows_per_forward
 from unlearning.importance import ImportanceSums, compute_importance_sums
 from unlearning.metrics import EVAL_BATCH, accuracy_of, entropy
 from unlearning.models import logits_of
@@ -69,11 +69,15 @@ def predict_outcomes(models: Sequence[nn.Module], batches: Iterable[tuple[Tensor
     for model in models:
         model.eval()
     parts: list[list[Outcomes]] = [[] for _ in models]
+    sizes: list[int] = []  # rows per forward, per model, from the first batch
     try:
         for inputs, _ in batches:
-            for model, found in zip(models, parts):
-                where = device or next(model.parameters()).device
-                found.append(outcomes_of_logits(logits_of(model(inputs.to(where)))))
+            for i, (model, found) in enumerate(zip(models, parts)):
+                rows = inputs.to(device or next(model.parameters()).device)
+                if len(sizes) == i and len(rows):
+                    sizes.append(rows_per_forward(model, rows, EVAL_BATCH))
+                for part in rows.split(sizes[i] if len(sizes) > i else max(len(rows), 1)):
+                    found.append(outcomes_of_logits(logits_of(model(part))))
     finally:
         for model, flag in zip(models, flags):
             model.train(flag)

@@ -197,6 +197,26 @@ def test_allocator_setting_is_made_once_and_is_a_no_op_without_glibc(monkeypatch
     assert heap.keep_freed_memory() is False  # asked once: the answer is kept
 
 
+def test_rows_per_forward_keeps_the_largest_activation_within_a_quarter_heap_block():
+    from unlearning.heap import HEAP_BLOCK_BYTES, rows_per_forward
+    from unlearning.metrics import entropy
+    from unlearning.passes import predict_outcomes
+
+    assert HEAP_BLOCK_BYTES // 4 == 8 << 20
+    wide = nn.Sequential(nn.Linear(10, 8192), nn.ReLU(), nn.Linear(8192, 3)).eval()  # 32 KiB a row
+    rows = torch.randn(300, 10)
+    assert rows_per_forward(wide, rows, 1000) == 256
+    assert rows_per_forward(wide, rows, 100) == 100  # never above `most`
+    assert rows_per_forward(nn.Linear(10, 65536), rows, 1000) == 32  # 256 KiB a row
+    assert rows_per_forward(nn.Linear(10, 3 << 21), rows, 1000) == 1  # 24 MiB a row: one at a time
+    # cut into forwards of 256 rows, in order: the same outcomes as one forward of all 300
+    [found] = predict_outcomes([wide], [(rows, None)])
+    with torch.no_grad():
+        whole = wide(rows)
+    assert torch.equal(found.pred, whole.argmax(1))
+    torch.testing.assert_close(found.entropy, entropy(whole), rtol=1e-5, atol=1e-6)
+
+
 class _Mixed(nn.Module):
     """Every layer kind the layer-wise per-sample path knows, in awkward settings: a grouped,
     strided, dilated convolution with many output positions (grouped backward), a Conv1d
