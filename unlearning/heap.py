@@ -4,13 +4,18 @@ them back to the OS each time, so every batch faults its pages in afresh
 (docs/implementation-notes.md#per-sample-gradients-and-the-allocator).
 
 `keep_freed_memory` is called by every pass (importance, outcomes, logits); it is
-process-wide and idempotent, and a no-op without glibc.
+process-wide and idempotent, and a no-op without glibc. Even so glibc mmaps any block of 32 MiB
+or more, so outcome passes forward `rows_per_forward` rows at a time, fewer than a batch where
+the model's activations are large.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+
+import torch
+from torch import Tensor, nn
 
 # glibc's malloc on 64-bit: blocks of HEAP_BLOCK_BYTES or more are mmapped (32 MiB is the largest
 # threshold it accepts); a thread's arena is a list of 64 MiB heaps (HEAP_MAX_SIZE).
@@ -52,16 +57,13 @@ def _mallopt(parameter: int, value: int) -> bool:
         return False
 
 
-
-def rows_per_forward(model, sample, most: int) -> int:
+def rows_per_forward(model: nn.Module, sample: Tensor, most: int) -> int:
     """Rows per forward pass (at most `most`) whose largest activation stays within a quarter of
     `HEAP_BLOCK_BYTES`, measured on one row of `sample` (a batch on the model's device): larger
     blocks are mmapped and faulted in again at every batch. A quarter leaves room for a
     convolution's own buffers. resnet_small (width 16) 64, torchvision's ResNet-18 at 32 pixels
     32, the digits networks `most`.
     """
-    import torch
-
     largest = 0
 
     def record(_module, _inputs, output):

@@ -69,14 +69,14 @@ def predict_outcomes(models: Sequence[nn.Module], batches: Iterable[tuple[Tensor
     for model in models:
         model.eval()
     parts: list[list[Outcomes]] = [[] for _ in models]
-    sizes: list[int] = []  # rows per forward, per model, from the first batch
+    sizes: dict[int, int] = {}  # rows per forward, per model, measured on its first rows
     try:
         for inputs, _ in batches:
             for i, (model, found) in enumerate(zip(models, parts)):
                 rows = inputs.to(device or next(model.parameters()).device)
-                if len(sizes) == i and len(rows):
-                    sizes.append(rows_per_forward(model, rows, EVAL_BATCH))
-                for part in rows.split(sizes[i] if len(sizes) > i else max(len(rows), 1)):
+                if i not in sizes and len(rows):
+                    sizes[i] = rows_per_forward(model, rows, EVAL_BATCH)
+                for part in rows.split(sizes.get(i, EVAL_BATCH)):
                     found.append(outcomes_of_logits(logits_of(model(part))))
     finally:
         for model, flag in zip(models, flags):
