@@ -3,10 +3,12 @@ large blocks at every batch (activations, per-sample gradients), and glibc's def
 them back to the OS each time, so every batch faults its pages in afresh
 (docs/implementation-notes.md#per-sample-gradients-and-the-allocator).
 
-`keep_freed_memory` is called by every pass (importance, outcomes, logits); it is
-process-wide and idempotent, and a no-op without glibc. Even so glibc mmaps any block of 32 MiB
-or more, so outcome passes forward `rows_per_forward` rows at a time, fewer than a batch where
-the model's activations are large.
+`keep_freed_memory` is called by every importance pass and by the processes that only make
+outcome passes (the Ray evaluator actors); not by every outcome pass, since a driver that keeps
+freed memory keeps its heap's transient peaks too. It is process-wide and idempotent, and a
+no-op without glibc. Even with it glibc mmaps any block of 32 MiB or more, so outcome passes
+forward `rows_per_forward` rows at a time, fewer than a batch where the model's activations
+are large.
 """
 
 from __future__ import annotations

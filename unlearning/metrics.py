@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from unlearning.data import Split
-from unlearning.heap import keep_freed_memory, rows_per_forward
+from unlearning.heap import rows_per_forward
 from unlearning.models import logits_of
 
 # rows decoded per batch of an outcome pass; each forward takes at most this many, fewer where the
@@ -23,7 +23,6 @@ EVAL_BATCH = 256
 def predict_logits(
     model: nn.Module, split: Split, normalize: dict | None = None, batch_size: int = EVAL_BATCH
 ) -> Tensor:
-    keep_freed_memory()
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from unlearning.heap import keep_freed_memory
 from unlearning.passes import EVAL_BATCH, Outcomes, predict_outcomes
 
 KEEP_BYTES = 512 << 20  # decoded rows an evaluator keeps between passes
@@ -24,6 +25,7 @@ class RowEvaluator:
 
     def __init__(self, threads: int):
         torch.set_num_threads(threads)
+        keep_freed_memory()  # a pass's blocks are reused, not faulted in again at every batch
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.kept: dict[str, list[tuple[np.ndarray, torch.Tensor]]] = {}
         self.walks: dict[str, tuple] = {}  # a search's model, importances and D_f labels, by key
