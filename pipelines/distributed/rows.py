@@ -21,7 +21,10 @@ import torch
 from pipelines.distributed.plan import DATA_TASK_CPUS
 from pipelines.ray_session import data_settings
 from unlearning.data import RowInputs, Split, normalize_batch
+from unlearning.data.rows import READ_BLOCK_ROWS
 from unlearning.data.sources import DigitsTable, ImageFolderTable, ParquetTable, arrow_inputs
+
+CHUNK_BYTES = 8 << 20  # decoded inputs an evaluator decodes and predicts at once
 
 
 @dataclass
@@ -33,11 +36,17 @@ class RaySplit:
     labels: np.ndarray  # the split's labels (after any relabelling)
     normalize: dict | None
     channels_last: bool = False
+    # the ids' sorting order and the sorted ids (Parquet): built where the split is shipped from,
+    # so that every actor reads one shared copy out of the object store instead of building its own
+    id_lookup: tuple[np.ndarray, np.ndarray] | None = None
     _file_row: dict | None = None  # an image folder's path -> file row, built on first use
+    _file_rows_lookup: tuple[np.ndarray, np.ndarray] | None = None
 
     @classmethod
     def of(cls, split: Split, normalize: dict | None, channels_last: bool = False) -> RaySplit:
-        return cls(split.inputs, split.ids.numpy(), split.labels.numpy(), normalize, channels_last)
+        ids = split.ids.numpy()
+        lookup = _lookup(ids) if isinstance(split.inputs.rows.table, ParquetTable) else None
+        return cls(split.inputs, ids, split.labels.numpy(), normalize, channels_last, lookup)
 
     @property
     def table(self):
@@ -70,6 +79,12 @@ class RaySplit:
             return ray.data.from_items([{"data": int(i)} for i in index], override_num_blocks=blocks)
         raise TypeError(f"no Ray reader for {type(table).__name__}")
 
+    def chunk_rows(self) -> int:
+        """Rows a consumer decodes at once: at most `CHUNK_BYTES` of decoded inputs, so what a
+        consumer allocates per chunk does not follow the file's row groups or Ray's blocks."""
+        row_bytes = int(np.prod(self.inputs.row_shape)) * self.inputs.dtype.itemsize
+        return max(1, min(READ_BLOCK_ROWS, CHUNK_BYTES // max(row_bytes, 1)))
+
     def streams(self, consumers: int) -> list:
         """Every row of the split read once and streamed out to `consumers` (e.g. evaluator
         actors), each getting a share as it comes: one reader per consumer."""
@@ -79,26 +94,18 @@ class RaySplit:
         """Which split rows a raw block (an Arrow table from `dataset`) holds."""
         table = self.table
         if isinstance(table, ParquetTable):
-            return self._by_key("ids", self.ids, np.asarray(batch.column("id").to_numpy(), dtype=np.int64))
+            if self.id_lookup is None:
+                self.id_lookup = _lookup(self.ids)
+            return _find(self.id_lookup, np.asarray(batch.column("id").to_numpy(), dtype=np.int64))
         if isinstance(table, ImageFolderTable):
             if self._file_row is None:  # built once per stage, not per block
                 self._file_row = {os.path.abspath(f): i for i, f in enumerate(table.files)}
             paths = batch.column("path").to_pylist()
             rows = np.asarray([self._file_row[os.path.abspath(p)] for p in paths], dtype=np.int64)
-            return self._by_key("file_rows", self.inputs.file_rows(), rows)
+            if self._file_rows_lookup is None:
+                self._file_rows_lookup = _lookup(self.inputs.file_rows())
+            return _find(self._file_rows_lookup, rows)
         return np.asarray(batch.column("data").to_numpy(), dtype=np.int64)
-
-    def _by_key(self, name: str, keys: np.ndarray, wanted: np.ndarray) -> np.ndarray:
-        lookup = getattr(self, f"_{name}_lookup", None)
-        if lookup is None:
-            order = np.argsort(keys, kind="stable")
-            lookup = (order, keys[order])
-            setattr(self, f"_{name}_lookup", lookup)
-        order, ordered = lookup
-        found = np.searchsorted(ordered, wanted).clip(max=len(ordered) - 1)
-        if len(wanted) and not np.array_equal(ordered[found], wanted):
-            raise RuntimeError("a Ray reader returned rows outside the split")
-        return order[found]
 
     def decode(self, batch) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
         """A raw block -> (split row numbers, normalised inputs, labels)."""
@@ -119,6 +126,20 @@ class RaySplit:
         if self.channels_last:  # the in-process decoder's memory layout, hence its rounding
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         return rows, inputs, torch.from_numpy(self.labels[rows])
+
+
+def _lookup(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    order = np.argsort(keys, kind="stable")
+    return order, keys[order]
+
+
+def _find(lookup: tuple[np.ndarray, np.ndarray], wanted: np.ndarray) -> np.ndarray:
+    """The positions of keys `wanted` in the keys `lookup` was built from."""
+    order, ordered = lookup
+    found = np.searchsorted(ordered, wanted).clip(max=len(ordered) - 1)
+    if len(wanted) and not np.array_equal(ordered[found], wanted):
+        raise RuntimeError("a Ray reader returned rows outside the split")
+    return order[found]
 
 
 def _id_filter(ids: np.ndarray):

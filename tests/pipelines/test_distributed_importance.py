@@ -153,6 +153,38 @@ def test_ray_data_reads_exactly_the_split_rows_asked_for_clustered_or_scattered(
         assert sorted(found.tolist()) == index.tolist()
 
 
+def test_an_evaluator_decodes_a_bounded_chunk_whatever_the_row_size(parquet_file):
+    """Chunks of at most 8 MiB of decoded inputs and at most 2,048 rows: 256 float features
+    (1 KiB a row) -> 2,048 rows; a 32-pixel RGB image (12 KiB) -> 682; a 224-pixel one -> 13."""
+    import dataclasses
+
+    from pipelines.distributed.rows import RaySplit
+
+    rows = RaySplit.of(unlearning.data.open_dataset(str(parquet_file)).train, None)
+    counts = {}
+    for shape in ((256,), (3, 32, 32), (3, 224, 224)):
+        shaped = dataclasses.replace(rows, inputs=dataclasses.replace(rows.inputs, row_shape=shape))
+        counts[shape] = shaped.chunk_rows()
+    assert counts == {(256,): 2048, (3, 32, 32): 682, (3, 224, 224): 13}
+
+
+def test_rows_kept_in_the_object_store_come_back_equal_in_their_memory_layout(ray_session):
+    """An evaluator keeps decoded rows in Ray's object store; they come back as read-only views
+    of the store, equal, in the layout they went in (channels-last stays channels-last)."""
+    import ray
+
+    from pipelines.distributed.evaluators import Stored
+
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(64, 3, 32, 32, generator=generator)  # 768 KiB: above Ray's inline size
+    for inputs in (images, images.contiguous(memory_format=torch.channels_last), torch.randn(700, 256)):
+        stored = Stored.put(inputs)
+        back = stored.get()
+        assert torch.equal(back, inputs)
+        assert back.stride() == inputs.stride()
+        assert not ray.get(stored.ref).flags.writeable  # the store's memory, not a copy
+
+
 def test_request_after_earlier_removals_computes_retained_importance_on_ray(ray_session, digits_checkpoint):
     """per_sample, digits: D_r = training rows minus rows removed before minus the forget set."""
     train = unlearning.load_dataset("digits").train
