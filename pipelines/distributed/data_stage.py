@@ -51,7 +51,8 @@ def rank_dataset(rank: int, rows: RaySplit, plan: ChunkPlan):
     """Worker `rank`'s rows as a lazy, streamed Ray Dataset (read -> decode -> normalise)."""
     import ray
 
-    return rows.dataset(rank_rows(rank, plan)).map_batches(
+    rows = rows.subset(rank_rows(rank, plan))
+    return rows.dataset().map_batches(
         DecodeRows,
         batch_size=plan.block_rows(),
         batch_format="pyarrow",

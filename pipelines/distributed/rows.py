@@ -2,16 +2,20 @@
 
 Rows enter through Ray Data's readers: `read_parquet` (only the `id` and input columns, and
 only the split's ids: a projection and an `id` filter Ray pushes down into the reader, which
-skips row groups outside the ids' range; read tasks of about one row group each, as
+skips row groups outside the ids' ranges; read tasks of about one row group each, as
 `ray_session.data_settings` sets), `read_binary_files` for an image folder's files,
 `from_items` of row numbers for the built-in digits. `RaySplit`
 then turns a raw block into decoded, normalised rows through `unlearning.data.RowInputs.decode`
 (the library's one decoder, the poison trigger included), tagged with their row numbers in
-the split; labels come from the split, so `+coarse` and `+poison` relabelling hold on Ray too.
+the split, dropping the rows a filter of ranges let through (`EXACT_FILTER_IDS`); labels come
+from the split, so `+coarse` and `+poison` relabelling hold on Ray too.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import operator
 import os
 from dataclasses import dataclass
 
@@ -25,6 +29,11 @@ from unlearning.data.rows import READ_BLOCK_ROWS
 from unlearning.data.sources import DigitsTable, ImageFolderTable, ParquetTable, arrow_inputs
 
 CHUNK_BYTES = 8 << 20  # decoded inputs an evaluator decodes and predicts at once
+# The most ids an `is_in` filter pushed down to the Parquet reader holds: every read task
+# rebuilds it as a Python list (~36 bytes an id; 240,000 ids made read tasks peak 9 % higher).
+# Beyond this the reader gets the ids' range only, and `decode` drops the rows outside the split.
+EXACT_FILTER_IDS = 1 << 16
+ID_RANGES = 64  # id ranges a filter of more ids than that is cut into
 
 
 @dataclass
@@ -39,6 +48,7 @@ class RaySplit:
     # the ids' sorting order and the sorted ids (Parquet): built where the split is shipped from,
     # so that every actor reads one shared copy out of the object store instead of building its own
     id_lookup: tuple[np.ndarray, np.ndarray] | None = None
+    only: np.ndarray | None = None  # the split rows this stage reads, increasing (None: all)
     _file_row: dict | None = None  # an image folder's path -> file row, built on first use
     _file_rows_lookup: tuple[np.ndarray, np.ndarray] | None = None
 
@@ -48,12 +58,17 @@ class RaySplit:
         lookup = _lookup(ids) if isinstance(split.inputs.rows.table, ParquetTable) else None
         return cls(split.inputs, ids, split.labels.numpy(), normalize, channels_last, lookup)
 
+    def subset(self, index: np.ndarray) -> RaySplit:
+        """The same split, reading (and decoding) only split rows `index`."""
+        return dataclasses.replace(self, only=np.unique(np.asarray(index, dtype=np.int64)))
+
     @property
     def table(self):
         return self.inputs.rows.table
 
-    def dataset(self, index: np.ndarray | None = None, readers: int = 1):
-        """Raw rows of split rows `index` (default: all) through Ray Data's readers, lazily.
+    def dataset(self, readers: int = 1):
+        """Raw rows of the split (or of its `subset`) through Ray Data's readers, lazily. From a
+        Parquet file it may hold rows of the file outside them, which `decode` drops.
 
         At most `readers` read tasks run at once, one per consumer: a task of one row group
         outpaces what decodes its rows, and more at once only start more worker processes.
@@ -61,14 +76,14 @@ class RaySplit:
         import ray
 
         data_settings()  # block and read-task sizes, also in an actor that builds its own
-        index = np.arange(len(self.ids)) if index is None else np.asarray(index, dtype=np.int64)
+        index = np.arange(len(self.ids)) if self.only is None else self.only
         table = self.table
         read = {"num_cpus": DATA_TASK_CPUS, "concurrency": readers, "file_extensions": None}
         if isinstance(table, ParquetTable):  # projection and id filter, pushed down to the reader
             return (
                 ray.data.read_parquet(table.path, **read)
                 .select_columns(["id", table.input_kind], num_cpus=DATA_TASK_CPUS)
-                .filter(expr=_id_filter(self.ids[index]), num_cpus=DATA_TASK_CPUS)
+                .filter(expr=_id_filter(np.sort(self.ids[index])), num_cpus=DATA_TASK_CPUS)
             )
         if isinstance(table, ImageFolderTable):
             files = [table.files[row] for row in self.inputs.file_rows()[index]]
@@ -91,12 +106,17 @@ class RaySplit:
         return self.dataset(readers=consumers).streaming_split(consumers, equal=False)
 
     def split_rows(self, batch) -> np.ndarray:
-        """Which split rows a raw block (an Arrow table from `dataset`) holds."""
+        """Which split rows a raw block (an Arrow table from `dataset`) holds; -1 for a row of
+        a Parquet file this split (or subset) does not read."""
         table = self.table
         if isinstance(table, ParquetTable):
             if self.id_lookup is None:
                 self.id_lookup = _lookup(self.ids)
-            return _find(self.id_lookup, np.asarray(batch.column("id").to_numpy(), dtype=np.int64))
+            rows = _find(self.id_lookup, np.asarray(batch.column("id").to_numpy(), dtype=np.int64))
+            if self.only is not None and len(rows):
+                at = np.searchsorted(self.only, rows).clip(max=max(len(self.only) - 1, 0))
+                rows[(self.only[at] != rows) if len(self.only) else slice(None)] = -1
+            return rows
         if isinstance(table, ImageFolderTable):
             if self._file_row is None:  # built once per stage, not per block
                 self._file_row = {os.path.abspath(f): i for i, f in enumerate(table.files)}
@@ -104,12 +124,20 @@ class RaySplit:
             rows = np.asarray([self._file_row[os.path.abspath(p)] for p in paths], dtype=np.int64)
             if self._file_rows_lookup is None:
                 self._file_rows_lookup = _lookup(self.inputs.file_rows())
-            return _find(self._file_rows_lookup, rows)
+            rows = _find(self._file_rows_lookup, rows)
+            if (rows < 0).any():
+                raise RuntimeError("a Ray reader returned files outside the split")
+            return rows
         return np.asarray(batch.column("data").to_numpy(), dtype=np.int64)
 
     def decode(self, batch) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
-        """A raw block -> (split row numbers, normalised inputs, labels)."""
+        """A raw block -> (split row numbers, normalised inputs, labels), its rows outside the
+        split (or subset) dropped."""
         rows = self.split_rows(batch)
+        if (rows < 0).any():
+            import pyarrow as pa
+
+            batch, rows = batch.filter(pa.array(rows >= 0)), rows[rows >= 0]
         table = self.table
         file_rows = self.inputs.file_rows()[rows]
         if isinstance(table, ParquetTable):
@@ -134,20 +162,37 @@ def _lookup(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _find(lookup: tuple[np.ndarray, np.ndarray], wanted: np.ndarray) -> np.ndarray:
-    """The positions of keys `wanted` in the keys `lookup` was built from."""
+    """The positions of keys `wanted` in the keys `lookup` was built from (-1: not there)."""
     order, ordered = lookup
+    if not len(ordered):
+        return np.full(len(wanted), -1, dtype=np.int64)
     found = np.searchsorted(ordered, wanted).clip(max=len(ordered) - 1)
-    if len(wanted) and not np.array_equal(ordered[found], wanted):
-        raise RuntimeError("a Ray reader returned rows outside the split")
-    return order[found]
+    return np.where(ordered[found] == wanted, order[found], -1)
 
 
 def _id_filter(ids: np.ndarray):
-    # `id in ids`, bounded by the ids' range: Ray's reader skips row groups whose id statistics
-    # fall outside it, which Arrow never does for an `is_in` of more than a few values
+    """A filter Ray pushes down to the Parquet reader, which skips the row groups whose id
+    statistics it excludes (Arrow never does for an `is_in` of more than a few values):
+    `id in ids` (sorted) bounded by their range, or beyond `EXACT_FILTER_IDS` ids the union
+    of at most `ID_RANGES` ranges that covers them (cut at their widest gaps: a worker's
+    interleaved chunks, say)."""
     from ray.data.expressions import col
 
-    wanted = col("id").is_in(ids.tolist())
     if not len(ids):
-        return wanted
-    return (col("id") >= int(ids.min())) & (col("id") <= int(ids.max())) & wanted
+        return col("id").is_in([])
+    ranges = [(col("id") >= int(low)) & (col("id") <= int(high)) for low, high in id_ranges(ids)]
+    if len(ids) <= EXACT_FILTER_IDS:
+        return ranges[0] & col("id").is_in(ids.tolist())
+    return functools.reduce(operator.or_, ranges)
+
+
+def id_ranges(ids: np.ndarray, most: int = ID_RANGES) -> list[tuple[int, int]]:
+    """At most `most` ranges [low, high] that cover the sorted `ids`, leaving out their
+    `most - 1` widest gaps (just one range under `EXACT_FILTER_IDS` ids)."""
+    if len(ids) <= EXACT_FILTER_IDS:
+        most = 1
+    gaps = np.diff(ids)
+    cuts = np.sort(np.argsort(gaps, kind="stable")[::-1][: most - 1]) if most > 1 else np.empty(0, dtype=np.int64)
+    cuts = cuts[gaps[cuts] > 1]  # a gap of 1 leaves nothing out
+    starts, ends = np.concatenate([[0], cuts + 1]), np.concatenate([cuts, [len(ids) - 1]])
+    return [(int(ids[a]), int(ids[b])) for a, b in zip(starts, ends)]

@@ -140,17 +140,42 @@ def test_forget_set_importance_of_a_request_on_ray_equals_in_process(ray_session
         torch.testing.assert_close(on_ray[name], expected, rtol=1e-6, atol=1e-6 * float(expected.abs().max()))
 
 
-def test_ray_data_reads_exactly_the_split_rows_asked_for_clustered_or_scattered(ray_session, parquet_file):
+@pytest.mark.parametrize("exact_ids", [1 << 16, 10])
+def test_ray_data_reads_exactly_the_split_rows_asked_for_clustered_or_scattered(
+        ray_session, parquet_file, exact_ids, monkeypatch):
     """The id filter (`id in ids` within the ids' range, so row groups outside it are skipped)
-    returns the rows asked for: a run inside one row group, rows over all four, a single row."""
-    from pipelines.distributed.rows import RaySplit
+    returns the rows asked for: a run inside one row group, rows over all four, a single row.
+    Beyond `EXACT_FILTER_IDS` ids (10 here) the reader gets only ranges around them, and the
+    decoder drops the rows in those ranges that were not asked for."""
+    from pipelines.distributed import rows as ray_rows
 
+    monkeypatch.setattr(ray_rows, "EXACT_FILTER_IDS", exact_ids)
     split = unlearning.data.open_dataset(str(parquet_file)).train
-    rows = RaySplit.of(split, None)
+    rows = ray_rows.RaySplit.of(split, None)
     for index in (np.arange(45, 60), np.arange(0, len(split), 7), np.array([100])):
-        batches = rows.dataset(index).iter_batches(batch_size=None, batch_format="pyarrow")
-        found = np.concatenate([rows.split_rows(batch) for batch in batches])
+        subset = rows.subset(index)
+        batches = subset.dataset().iter_batches(batch_size=None, batch_format="pyarrow")
+        decoded = [subset.decode(batch) for batch in batches]
+        found = np.concatenate([index for index, _, _ in decoded])
         assert sorted(found.tolist()) == index.tolist()
+        expected = split.inputs.read(np.sort(found))
+        torch.testing.assert_close(torch.cat([x for _, x, _ in decoded])[np.argsort(found)], expected)
+
+
+def test_id_ranges_leave_out_the_widest_gaps():
+    """A worker's interleaved chunks become one range each; a few ids stay one range."""
+    from pipelines.distributed.rows import EXACT_FILTER_IDS, id_ranges
+
+    chunks = np.concatenate([np.arange(start, start + 4096) for start in range(0, 30 * 8192, 8192)])
+    assert len(chunks) > EXACT_FILTER_IDS
+    assert id_ranges(chunks) == [(start, start + 4095) for start in range(0, 30 * 8192, 8192)]
+    assert id_ranges(np.array([3, 9, 400])) == [(3, 400)]
+    three = id_ranges(chunks, most=3)  # equal gaps: any two of them left out
+    assert len(three) == 3 and three[0][0] == 0 and three[-1][1] == chunks[-1]
+    assert all(any(low <= i <= high for low, high in three) for i in chunks[::97])
+    scattered = np.arange(0, 3 * (EXACT_FILTER_IDS + 1), 3)  # evenly spread: any 63 cuts, 64 ranges
+    ranges = id_ranges(scattered)
+    assert len(ranges) == 64 and ranges[0][0] == 0 and ranges[-1][1] == scattered[-1]
 
 
 def test_an_evaluator_decodes_a_bounded_chunk_whatever_the_row_size(parquet_file):
