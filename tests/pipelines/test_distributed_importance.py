@@ -163,13 +163,14 @@ def test_ray_data_reads_exactly_the_split_rows_asked_for_clustered_or_scattered(
 
 
 def test_id_ranges_leave_out_the_widest_gaps():
-    """A worker's interleaved chunks become one range each; a few ids stay one range."""
+    """A worker's interleaved chunks become one range each; one range covers everything."""
     from pipelines.distributed.rows import EXACT_FILTER_IDS, id_ranges
 
     chunks = np.concatenate([np.arange(start, start + 4096) for start in range(0, 30 * 8192, 8192)])
     assert len(chunks) > EXACT_FILTER_IDS
     assert id_ranges(chunks) == [(start, start + 4095) for start in range(0, 30 * 8192, 8192)]
-    assert id_ranges(np.array([3, 9, 400])) == [(3, 400)]
+    assert id_ranges(np.array([3, 9, 400]), most=1) == [(3, 400)]
+    assert id_ranges(np.array([3, 4, 5, 9, 400])) == [(3, 5), (9, 9), (400, 400)]
     three = id_ranges(chunks, most=3)  # equal gaps: any two of them left out
     assert len(three) == 3 and three[0][0] == 0 and three[-1][1] == chunks[-1]
     assert all(any(low <= i <= high for low, high in three) for i in chunks[::97])
