@@ -9,6 +9,8 @@ kind of Ray worker's peak, and the request's wall time split by pass (from repor
 
     .venv/bin/python -m benchmarks.request_memory                      # 20,000 and 300,000 rows
     .venv/bin/python -m benchmarks.request_memory --rows 20000 300000 --method ptn
+    .venv/bin/python -m benchmarks.request_memory --ray-min-rows 0 \
+        --out benchmarks/results/request-memory-all-on-ray.json   # the same passes on Ray at both sizes
 """
 
 from __future__ import annotations
@@ -81,10 +83,12 @@ def worker_kind(title: str) -> str | None:
     return name if name and not name.startswith("IDLE") else "idle worker"
 
 
-def run_request(model: Path, data: Path, method: str, out: Path) -> dict:
+def run_request(model: Path, data: Path, method: str, out: Path, ray_min_rows: int | None = None) -> dict:
     command = [sys.executable, "-m", "pipelines.cli", "--quiet", "forget", "--model", str(model), "--data", str(data),
                "--forget", "class:3", "--method", method, "--no-track", "--out", str(out),
                "--accept-unmet"]  # memory is measured here: a missed target (exit 3) is not a failure
+    if ray_min_rows is not None:
+        command += ["--ray-min-rows", str(ray_min_rows)]
     started = time.monotonic()
     process = subprocess.Popen(command, cwd=REPO)
     peaks: dict[str, float] = {}
@@ -118,6 +122,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, nargs="+", default=[20_000, 300_000])
     parser.add_argument("--method", default="ptn")
+    parser.add_argument("--ray-min-rows", type=int, default=None,
+                        help="passed to the requests (0: every pass on Ray at both sizes; default: the CLI's)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "request-memory.json"))
     args = parser.parse_args(argv)
     data = {rows: generated(rows) for rows in args.rows}
@@ -129,7 +135,7 @@ def main(argv=None) -> None:
                "cpus": os.cpu_count(), "runs": {}}
     with tempfile.TemporaryDirectory() as scratch:
         for rows, path in data.items():
-            results["runs"][rows] = run_request(model, path, args.method, Path(scratch) / f"run-{rows}")
+            results["runs"][rows] = run_request(model, path, args.method, Path(scratch) / f"run-{rows}", args.ray_min_rows)
             print(rows, json.dumps(results["runs"][rows]["peak_rss_anon_mib"]), results["runs"][rows]["wall_seconds"], "s")
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(f"-> {args.out}")
