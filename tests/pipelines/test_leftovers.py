@@ -120,12 +120,25 @@ def session_of(leader: int) -> dict[int, str]:
             if session == leader and state != "Z"}
 
 
+@pytest.fixture(scope="module")
+def slow_digits_checkpoint(tmp_path_factory):
+    """torchvision's ResNet-18 for digits: its per-sample importance takes ~2 s a batch of 64
+    here (~45 s for the 1,438 rows on one worker), so a Ctrl-C a second into the computation
+    always finds it running; the small CNN's whole run took about that second on a quiet
+    machine, and the run sometimes ended before the signal came."""
+    import unlearning
+
+    digits = unlearning.load_dataset("digits")
+    model = unlearning.new_model("torchvision:resnet18", 10, digits.input_shape, digits.normalization(), seed=0)
+    path = tmp_path_factory.mktemp("models") / "digits-resnet18-untrained"
+    unlearning.save_model(model, path)
+    return path
+
+
 @pytest.mark.ray
-def test_ctrl_c_stops_a_ray_importance_run_within_seconds_and_leaves_no_process(
-    untrained_digits_checkpoint, tmp_path
-):
+def test_ctrl_c_stops_a_ray_importance_run_within_seconds_and_leaves_no_process(slow_digits_checkpoint, tmp_path):
     out = tmp_path / "store"
-    command = CLI + importance(untrained_digits_checkpoint, out, "--ray-min-rows", "0", "--workers", "1")
+    command = CLI + importance(slow_digits_checkpoint, out, "--ray-min-rows", "0", "--workers", "1")
     run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                            env=environment(), start_new_session=True)
     seen: dict[int, str] = {}
