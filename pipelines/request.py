@@ -213,7 +213,12 @@ def check_changed(original: torch.nn.Module, output: MethodOutput, method: str) 
         return
     numbers = {k: v for k, v in output.params.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     settings = ", ".join(f"{k}={v:.4g}" for k, v in numbers.items())
-    if "target" in output.params:  # a search: even its most aggressive step dampened nothing
+    if "target" in output.params and output.details.get("reached") is not False:
+        # A search that met its target without changing a weight: the original already meets it.
+        hint = (f"the forget set's accuracy is already at the target, {100 * output.params['target']:.1f} %, what a "
+                "model that never saw these rows would score: nothing to forget by accuracy; a lower "
+                "--param target=... forces dampening")
+    elif "target" in output.params:  # a search: even its most aggressive step dampened nothing
         hint = "the forget set's importances are zero, the model is saturated on it; a method that trains, e.g. jit, changes it"
     elif "alpha" in output.params:
         hint = "a smaller --alpha dampens more; the default method ptn searches for one"

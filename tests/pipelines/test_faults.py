@@ -71,6 +71,18 @@ def test_a_method_that_changes_no_weight_writes_and_registers_nothing(tmp_path, 
     assert recorded() == ([], [])
 
 
+def test_a_search_whose_target_the_rows_already_meet_writes_nothing_and_says_why(tmp_path, capsys, digits_checkpoint):
+    """The digits model gets these 20 rows all right; at a target of 100 % PTN has nothing to
+    do, its answer dampens no weight, and the request says so instead of registering a copy."""
+    code, out, err = run(capsys, forget_argv(digits_checkpoint, tmp_path / "run", "--forget", "random:20",
+                                             "--param", "target=1.0"))
+    assert code == 2 and out == "" and len(err) == 1
+    assert err[0].startswith("unlearn forget: error: ptn (") and "changed no weight of the model" in err[0]
+    assert "(the forget set's accuracy is already at the target, 100.0 %, what a model that never saw " in err[0]
+    assert not (tmp_path / "run").exists() and leftovers(tmp_path) == []
+    assert recorded() == ([], [])
+
+
 def test_a_version_that_misses_its_target_is_recorded_but_current_stays_unless_accepted(
     tmp_path, capsys, digits_checkpoint
 ):

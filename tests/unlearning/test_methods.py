@@ -22,6 +22,7 @@ from unlearning.search import (
     ptn_search,
     sequential_search,
 )
+from unlearning.targets import UNSEEN_Z
 from unlearning.training import TrainConfig
 
 
@@ -296,8 +297,14 @@ def test_subclass_target_is_the_accuracy_on_unseen_images_of_that_fine_class():
     expected = accuracy(model, unseen_sevens, normalize)
     assert task.original_accuracy("test") == pytest.approx(expected)
     assert expected > 0.8  # a model without 7s would still call them "5-9" through their siblings
+    # one fine class: D_f's m rows are Bernoulli(a) draws, and a comes from n test sevens
+    m, n = len(task.forget_split), len(unseen_sevens.labels)
+    se = math.sqrt(expected * (1 - expected) / m + expected * (1 - expected) / n)
+    assert task.original_accuracy("test_se") == pytest.approx(se)
+    start = task.original_accuracy("forget")
+    target = max(expected, min(expected + UNSEEN_Z * se, start - 1 / m)) if start > expected else expected
     output = unlearning.run_method("ptn", task)
-    assert output.params["target"] == pytest.approx(expected)
+    assert output.params["target"] == pytest.approx(target)
 
 
 def test_membership_inference_of_a_diverged_model_is_nan_not_a_crash():

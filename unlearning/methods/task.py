@@ -6,13 +6,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch
 from torch import Tensor, nn
 
 from unlearning.data import Dataset, ForgetSet, Split
 from unlearning.data.containers import seeded_sample
 from unlearning.passes import LocalExecutor
-from unlearning.targets import forget_target, request_rho
+from unlearning.targets import forget_target, request_rho, unseen_accuracy
 from unlearning.training import TrainConfig
 
 
@@ -105,7 +104,8 @@ class UnlearningTask:
         }
 
     def original_accuracy(self, which: str) -> float:
-        """The original model's accuracy on D_f ("forget"), or on unseen data ("test").
+        """The original model's accuracy on D_f ("forget"), or on unseen data ("test"), or the
+        standard error of the latter as a prediction for D_f ("test_se").
 
         "test" is weighted to the forget set's class mix: the mean over forget samples of the
         test accuracy of their class, i.e. what the model scores on unseen samples like them.
@@ -118,16 +118,13 @@ class UnlearningTask:
             else:
                 test = self.dataset.test
                 [outcomes] = self.executor.outcomes([self.model], test, self.normalize)
-                correct = (outcomes.pred == test.labels).double()
                 fine = self.forget.kind == "subclass" and test.fine_labels is not None
-                groups_test = test.fine_labels if fine else test.labels
-                groups_forget = self.forget_split.fine_labels if fine else self.forget_split.labels
-                size = int(max(groups_test.max(), groups_forget.max())) + 1
-                per_class = torch.full((size,), float("nan"), dtype=torch.float64)
-                for k in torch.unique(groups_test).tolist():
-                    per_class[k] = correct[groups_test == k].mean()
-                mix = per_class[groups_forget]
-                self.cache[key] = float(mix[~torch.isnan(mix)].mean())
+                mix, se = unseen_accuracy(
+                    outcomes.pred == test.labels,
+                    test.fine_labels if fine else test.labels,
+                    self.forget_split.fine_labels if fine else self.forget_split.labels,
+                )
+                self.cache[("accuracy", "test")], self.cache[("accuracy", "test_se")] = mix, se
         return self.cache[key]
 
     def search_rho(self, rho: float | None = None) -> float | None:
@@ -139,11 +136,14 @@ class UnlearningTask:
         if target is not None:
             return target
         rho = self.search_rho(rho)
+        needs_forget = rho is not None or self.forget.kind != "class"
         return forget_target(
             self.forget.kind,
             original_test_acc=self.original_accuracy("test"),
-            original_forget_acc=self.original_accuracy("forget") if rho is not None else None,
+            unseen_se=self.original_accuracy("test_se"),
+            original_forget_acc=self.original_accuracy("forget") if needs_forget else None,
             rho=rho,
+            forget_size=len(self.forget_split),
         )
 
     def retain_sample(self, size: int, seed: int | None = None) -> Split:
