@@ -38,6 +38,7 @@ from unlearning.search import (
     PTNWalk,
     SearchResult,
     Step,
+    check_retained_cost,
     dampened_copy,
     ptn_search,
 )
@@ -63,6 +64,7 @@ class SearchConfig:
     walk_back: bool = PTN_DEFAULTS.walk_back
     refine: bool = PTN_DEFAULTS.refine
     chunk_size: int = PTN_DEFAULTS.chunk_size
+    max_retain_drop: float = PTN_DEFAULTS.max_retain_drop  # ptn: the answer's ceiling on retained damage
     # tpe
     num_samples: int = 50
     alpha: list = field(default_factory=lambda: [0.1, 100.0])  # log-uniform range
@@ -73,7 +75,7 @@ class SearchConfig:
     def walk(self) -> PTNConfig:
         return PTNConfig(
             growth=self.growth, max_steps=self.max_steps, start_divisor=self.start_divisor, chunk_size=self.chunk_size,
-            walk_back=self.walk_back, refine=self.refine,
+            walk_back=self.walk_back, refine=self.refine, max_retain_drop=self.max_retain_drop,
         )
 
 
@@ -320,6 +322,10 @@ def run_search(task: UnlearningTask, config: SearchConfig, progress=None) -> tup
     full = task.importance(config.reference, config.importance_kind)
     forget = task.importance("forget", config.importance_kind)
     model = ssd(task.model, full, forget, alpha, lam)
+    if config.search == "ptn":  # the in-process walk's ceiling, on the same sample (TPE scores its own)
+        sample = task.retain_sample(config.walk().retain_sample)
+        details.update(check_retained_cost(task.accuracy(task.model, sample), task.accuracy(model, sample),
+                                           config.max_retain_drop, len(sample), target))
     rho = task.search_rho(config.rho)
     params = {"alpha": alpha, "lambda": lam, "kind": config.importance_kind, "target": target,
               "rho": rho, "reference": config.reference, **extra}

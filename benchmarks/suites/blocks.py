@@ -17,6 +17,7 @@ import unlearning
 from benchmarks.common import CACHE, Scale, log
 from pipelines.request import build_task, run_method_timed
 from unlearning.checkpoint import all_finite, model_meta
+from unlearning.errors import UserError
 from unlearning.evaluation import evaluate_model
 from unlearning.mia import calibrated_mia
 
@@ -110,8 +111,15 @@ def evaluate_output(model, task, dataset, forget, references=None) -> tuple[dict
 
 
 def run_one(name: str, task, dataset, forget, params: dict, references=None) -> dict:
-    """One method on one request: unlearning seconds apart from importance seconds."""
-    output, seconds = run_method_timed(task, name, params)
+    """One method on one request: unlearning seconds apart from importance seconds. A method that
+    refuses (e.g. a search above its ceiling on retained damage) gives a row saying why, all NaN."""
+    try:
+        output, seconds = run_method_timed(task, name, params)
+    except UserError as error:
+        log(f"{name} refused: {error}")
+        return {"method": name, "params": {}, "details": {"refused": str(error)},
+                "metrics": diverged_metrics(dataset, forget), "seconds_importance": math.nan,
+                "seconds_unlearn": math.nan, "diverged": False, "refused": True}
     metrics, diverged = evaluate_output(output.model, task, dataset, forget, references)
     details = {k: v for k, v in output.details.items() if k != "path"}
     if "path" in output.details:

@@ -144,6 +144,7 @@ def test_search_command_with_tpe_logs_each_trial_as_a_nested_run(tmp_path, capsy
 @pytest.mark.parametrize("text, message", [
     ("search: ptn\nchunks: 3\n", "unknown setting 'chunks'"),
     ("search: ptn\nrefine: 2\n", "refine must be true or false, got 2"),
+    ("search: ptn\nmax_retain_drop: 2\n", "max_retain_drop must be in [0, 1], got 2"),
 ])
 def test_bad_search_config_is_refused(tmp_path, capsys, digits_checkpoint, text, message):
     config = tmp_path / "bad.yaml"
@@ -151,4 +152,16 @@ def test_bad_search_config_is_refused(tmp_path, capsys, digits_checkpoint, text,
     code = main(["--quiet", "search", "--model", str(digits_checkpoint), "--data", "digits", "--forget", "class:2",
                  "--search", str(config), "--out", str(tmp_path / "run")])
     assert code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_search_that_would_wreck_the_model_writes_nothing_and_says_what_it_would_cost(
+    tmp_path, capsys, digits_checkpoint
+):
+    config = tmp_path / "harsh.yaml"
+    config.write_text("search: ptn\ntarget: 0.5\n")  # unseen digits score ~98 %: 50 % needs a wrecked model
+    code = main(["--quiet", "search", "--model", str(digits_checkpoint), "--data", "digits", "--forget", "random:200",
+                 "--search", str(config), "--out", str(tmp_path / "run")])
+    error = capsys.readouterr().err.strip().splitlines()[-1]  # after the "no --importance store" warning
+    assert code == 2 and "points of retained accuracy" in error and "more than max_retain_drop=0.1;" in error
     assert not (tmp_path / "run").exists()

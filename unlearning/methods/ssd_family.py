@@ -10,6 +10,7 @@ from unlearning.search import (
     PTN_DEFAULTS,
     PTNConfig,
     PTNWalk,
+    check_retained_cost,
     dampened_copy,
     ptn_search,
 )
@@ -56,7 +57,8 @@ def potion_step_method(task: UnlearningTask, lam: float) -> MethodOutput:
 
 
 # The walk's settings a request may override; their defaults live in PTNConfig alone.
-WALK = {key: getattr(PTN_DEFAULTS, key) for key in ("growth", "max_steps", "start_divisor", "walk_back", "refine")}
+WALK = {key: getattr(PTN_DEFAULTS, key)
+        for key in ("growth", "max_steps", "start_divisor", "walk_back", "refine", "max_retain_drop")}
 PAPER = {"walk_back": False, "refine": False}  # the papers' walk: forward from s_0 only
 
 
@@ -72,6 +74,7 @@ def ptn_method(
     start_divisor: float,
     walk_back: bool,
     refine: bool,
+    max_retain_drop: float = PTN_DEFAULTS.max_retain_drop,
 ) -> MethodOutput:
     """PTN-style search: the least aggressive dampening that brings D_f accuracy to the target,
     walking back when the first step already meets it, then refined for retained accuracy.
@@ -84,7 +87,7 @@ def ptn_method(
     full = task.importance(reference, kind)
     forget = task.importance("forget", kind)
     config = PTNConfig(growth=growth, max_steps=max_steps, start_divisor=start_divisor, walk_back=walk_back,
-                       refine=refine)
+                       refine=refine, max_retain_drop=max_retain_drop).check()
     walk = PTNWalk(full, forget, task.forget_fraction, target, config)
 
     def evaluate(steps):
@@ -100,6 +103,8 @@ def ptn_method(
     )
     chosen = chosen or result.path[-1][0]
     output = _fixed(task, kind, reference, chosen.alpha, chosen.lam)
+    cost = check_retained_cost(task.accuracy(task.model, sample), task.accuracy(output.model, sample),
+                               config.max_retain_drop, len(sample), target)
     output.params.update({"target": target, "rho": rho, "reference": reference, "step": chosen.index})
     output.details.update(
         {
@@ -107,32 +112,38 @@ def ptn_method(
             "schedule_length": len(walk.schedule),
             "path": [{**step.to_dict(), "forget_acc": acc} for step, acc in result.path],
             **details,
+            **cost,
         }
     )
     return output
 
 
 @register_method("ptn_paper", kind="fisher", reference="full", target=None, rho=None, growth=PTN_DEFAULTS.growth,
-                 max_steps=PTN_DEFAULTS.max_steps, start_divisor=PTN_DEFAULTS.start_divisor)
+                 max_steps=PTN_DEFAULTS.max_steps, start_divisor=PTN_DEFAULTS.start_divisor,
+                 max_retain_drop=PTN_DEFAULTS.max_retain_drop)
 def ptn_paper_method(task: UnlearningTask, kind: str, reference: str, target: float | None, rho: float | None,
-                     growth: float, max_steps: int, start_divisor: float) -> MethodOutput:
+                     growth: float, max_steps: int, start_divisor: float, max_retain_drop: float) -> MethodOutput:
     """The PTN walk as the Potion paper runs it: forward from s_0, no walk back, no refinement."""
-    return ptn_method(task, kind, reference, target, rho, growth, max_steps, start_divisor, **PAPER)
+    return ptn_method(task, kind, reference, target, rho, growth, max_steps, start_divisor, **PAPER,
+                      max_retain_drop=max_retain_drop)
 
 
 @register_method("potion", target=None, rho=None, **WALK)
 def potion_method(
     task: UnlearningTask, target: float | None, rho: float | None, growth: float, max_steps: int,
-    start_divisor: float, walk_back: bool, refine: bool,
+    start_divisor: float, walk_back: bool, refine: bool, max_retain_drop: float,
 ) -> MethodOutput:
     """Potion: l2-norm importance, I^D on D_r, the PTN walk to rho x A_0 (poison), with this
     project's walk back and refinement (`potion_paper` without them)."""
-    return ptn_method(task, "l2_norm", "retain", target, rho, growth, max_steps, start_divisor, walk_back, refine)
+    return ptn_method(task, "l2_norm", "retain", target, rho, growth, max_steps, start_divisor, walk_back, refine,
+                      max_retain_drop)
 
 
 @register_method("potion_paper", target=None, rho=None, growth=PTN_DEFAULTS.growth, max_steps=PTN_DEFAULTS.max_steps,
-                 start_divisor=PTN_DEFAULTS.start_divisor)
+                 start_divisor=PTN_DEFAULTS.start_divisor, max_retain_drop=PTN_DEFAULTS.max_retain_drop)
 def potion_paper_method(task: UnlearningTask, target: float | None, rho: float | None, growth: float,
-                        max_steps: int, start_divisor: float) -> MethodOutput:
-    """Potion exactly as in its paper: l2-norm importance, I^D on D_r, the forward PTN walk."""
-    return ptn_method(task, "l2_norm", "retain", target, rho, growth, max_steps, start_divisor, **PAPER)
+                        max_steps: int, start_divisor: float, max_retain_drop: float) -> MethodOutput:
+    """Potion exactly as in its paper (l2-norm importance, I^D on D_r, the forward PTN walk), with
+    this project's ceiling on retained damage."""
+    return ptn_method(task, "l2_norm", "retain", target, rho, growth, max_steps, start_divisor, **PAPER,
+                      max_retain_drop=max_retain_drop)
