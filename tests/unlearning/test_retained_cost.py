@@ -7,6 +7,7 @@ import pytest
 import unlearning
 from tests.unlearning.test_methods import make_task
 from unlearning.errors import UserError
+from unlearning.methods.registry import check_params
 from unlearning.search import PTN_DEFAULTS, PTNConfig, check_retained_cost
 
 
@@ -21,6 +22,10 @@ def test_the_cost_is_returned_at_or_below_the_ceiling_and_refused_above_it():
     assert PTN_DEFAULTS.max_retain_drop == 0.10
     with pytest.raises(UserError, match="max_retain_drop must be in"):
         PTNConfig(max_retain_drop=1.5).check()
+    for bad in (-1, 1.5, float("nan")):  # a request's --param, refused before any work
+        with pytest.raises(UserError, match=r"max_retain_drop must be a finite number in \[0, 1\]"):
+            check_params("ptn", {"max_retain_drop": bad})
+    check_params("potion", {"max_retain_drop": 0.0})
 
 
 @pytest.mark.parametrize("method", ["ptn", "potion_paper"])

@@ -73,7 +73,8 @@ def get_method(name: str) -> Method:
 # Every number a method takes must be finite and > 0 (counts: integers >= 1), except these,
 # which must lie in (low, high], or in [low, high] where marked closed.
 LIMITS = {"target": (0.0, 1.0, "closed"), "rho": (0.0, 1.0, ""), "retain_share": (0.0, 1.0, ""),
-          "growth": (1.0, math.inf, ""), "mask_share": (0.0, 1.0, ""), "beta": (0.0, 1.0, "")}
+          "growth": (1.0, math.inf, ""), "mask_share": (0.0, 1.0, ""), "beta": (0.0, 1.0, ""),
+          "max_retain_drop": (0.0, 1.0, "closed")}
 CHOICES = {"kind": ("fisher", "l2", "l2_norm"), "reference": ("full", "retain"), "setting": ("small", "large")}
 
 
