@@ -90,15 +90,16 @@ def test_two_requests_in_a_row_give_a_lineage_of_two_versions(tmp_path, capsys, 
 
 
 @pytest.mark.parametrize("spec, ray_min_rows, start_divisor", [
-    ("class:5", 0, 25.0), ("random:40", 10_000, 25.0), ("class:5", 10_000, 1.0)])
+    ("class:5", 0, 25.0), ("random:40", 10_000, 25.0), ("class:5", 10_000, 0.2)])
 def test_parallel_ptn_equals_the_sequential_loop(digits_checkpoint, spec, ray_min_rows, start_divisor):
     """D_f read through Ray Data and evened out across the actors (class:5), or decoded here;
-    a start that already forgets (start_divisor 1) walks back the same way on both."""
+    a start that already forgets (start_divisor 0.2: s_0 five times D_f's share; at 1 the
+    digits model trained on this machine did not forget) walks back the same way on both."""
     options = ForgetOptions(track=False, device="cpu", ray_min_rows=ray_min_rows)
     prepared = prepare_request(str(digits_checkpoint), "digits", spec, options)
     config = SearchConfig(chunk_size=3, parallel=2, start_divisor=start_divisor)
     trials = assert_parallel_ptn_is_the_sequential_walk(prepared.task, config)
-    assert (min(int(t["params"]["step"]) for t in trials) < 0) == (start_divisor == 1.0)
+    assert (min(int(t["params"]["step"]) for t in trials) < 0) == (start_divisor < 1)
 
 
 def test_ray_workers_run_at_the_drivers_priority():
