@@ -67,13 +67,12 @@ def unseen_accuracy(correct: Tensor, groups_test: Tensor, groups_forget: Tensor)
     size = int(max(groups_test.max(), groups_forget.max())) + 1
     count = torch.bincount(groups_test, minlength=size).double()
     hits = torch.bincount(groups_test, weights=correct.double(), minlength=size)
-    acc = torch.where(count > 0, hits / count.clamp_min(1), torch.full_like(count, float("nan")))
-    m = torch.bincount(groups_forget, minlength=size).double() * (count > 0)
+    known = count > 0
+    n, m = count[known], torch.bincount(groups_forget, minlength=size).double()[known]
+    a = hits[known] / n
     n_forget = float(m.sum())
     if n_forget == 0:
         return float("nan"), float("nan")
-    known = count > 0
-    a, n, m = acc[known], count[known], m[known]
     mix = float((m * a).sum() / n_forget)
     var_rows = float((m * a * (1 - a)).sum()) / n_forget**2
     var_estimate = float(((m / n_forget) ** 2 * a * (1 - a) / n).sum())
