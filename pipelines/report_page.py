@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.report import RequestReport
-from pipelines.summary import format_table, report_rows
+from pipelines.summary import format_table, report_rows, slack_note
 from unlearning.dampening import importance_ratios
 from unlearning.methods import UnlearningTask
 from unlearning.search import Step, dampened_copy
@@ -136,7 +136,8 @@ def page_lines(report: RequestReport) -> list[str]:
         "",
         f"- method: **{report.method}** ({params})",
         *([f"- target: forget accuracy <= {100 * report.target:.1f}%: "
-           f"{'met' if report.target_met else '**NOT met**'} ({100 * report.metrics['forget_acc']:.1f}%)"]
+           f"{'met' if report.target_met else '**NOT met**'} ({100 * report.metrics['forget_acc']:.1f}%)"
+           f"{slack_note(report)}"]
           if report.target is not None else []),
         f"- forget set: {forget.size} samples ({100 * forget.forget_fraction:.2f}% of the training data), "
         f"manifest {forget.manifest_hash}",

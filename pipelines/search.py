@@ -32,13 +32,13 @@ from pipelines.distributed.rows import RaySplit
 from pipelines.ray_session import ensure_ray, fit_off_main_thread, run_storage
 from unlearning.errors import UserError
 from unlearning.methods import MethodOutput, UnlearningTask
+from unlearning.retained import check_retained_cost, search_with_slack
 from unlearning.search import (
     PTN_DEFAULTS,
     PTNConfig,
     PTNWalk,
     SearchResult,
     Step,
-    check_retained_cost,
     dampened_copy,
     ptn_search,
 )
@@ -65,6 +65,7 @@ class SearchConfig:
     refine: bool = PTN_DEFAULTS.refine
     chunk_size: int = PTN_DEFAULTS.chunk_size
     max_retain_drop: float = PTN_DEFAULTS.max_retain_drop  # ptn: the answer's ceiling on retained damage
+    relax_after_drop: float = PTN_DEFAULTS.relax_after_drop  # ptn: a rho target's answer dearer than this takes slack
     # tpe
     num_samples: int = 50
     alpha: list = field(default_factory=lambda: [0.1, 100.0])  # log-uniform range
@@ -76,6 +77,7 @@ class SearchConfig:
         return PTNConfig(
             growth=self.growth, max_steps=self.max_steps, start_divisor=self.start_divisor, chunk_size=self.chunk_size,
             walk_back=self.walk_back, refine=self.refine, max_retain_drop=self.max_retain_drop,
+            relax_after_drop=self.relax_after_drop,
         )
 
 
@@ -170,10 +172,10 @@ def _run_tuner(trainable, tune_config, name: str, resources: dict):
 
 
 def parallel_ptn(
-    task: UnlearningTask, config: SearchConfig, target: float, progress=None
-) -> tuple[SearchResult, Step | None, dict, list[dict]]:
+    task: UnlearningTask, config: SearchConfig, targets: list[float], progress=None
+) -> tuple[float, SearchResult, Step, dict, list[dict]]:
     """The PTN walk and its refinement on the request's evaluator actors, each holding a shard
-    of D_f: (the walk's result, the step to apply, details, trials for MLflow).
+    of D_f: (the target used, the walk's result, the step to apply, details, trials for MLflow).
 
     Drives the same unlearning.search.ptn_search as the in-process method: the same steps, the
     same answer. Retained accuracies of the refinement's candidates are scored by the task's
@@ -183,7 +185,6 @@ def parallel_ptn(
 
     full = task.importance(config.reference, config.importance_kind)
     forget = task.importance("forget", config.importance_kind)
-    walk = PTNWalk(full, forget, task.forget_fraction, target, config.walk())
     executor = search_executor(task)
     split = task.forget_split
     parallel = min(config.parallel or default_parallel(config), len(split))
@@ -212,15 +213,21 @@ def parallel_ptn(
                 progress({"step": step.index, "alpha": step.alpha, "lam": step.lam, PTN_METRIC: acc})
         return accuracies
 
-    sample = task.retain_sample(walk.config.retain_sample)
-    try:
-        result, chosen, details = ptn_search(
-            walk, evaluate, lambda step: task.accuracy(dampened_copy(task.model, full, forget, step), sample),
-            config.chunk_size,
-        )
+    sample = task.retain_sample(config.walk().retain_sample)
+
+    def retain_accuracy(step: Step) -> float:
+        return task.accuracy(dampened_copy(task.model, full, forget, step), sample)
+
+    def search(goal: float):
+        return ptn_search(PTNWalk(full, forget, task.forget_fraction, goal, config.walk()), evaluate,
+                          retain_accuracy, config.chunk_size)
+
+    try:  # the in-process method's choice between the target and its slack (unlearning.retained)
+        found = search_with_slack(search, targets, retain_accuracy, task.accuracy(task.model, sample),
+                                  config.relax_after_drop)
     finally:
         ray.get([actor.drop.remote(key) for actor in pool])
-    return result, chosen, details, trials
+    return (*found, trials)
 
 
 def shard_moves(counts: list[int]) -> list[tuple[int, int, int]]:
@@ -304,8 +311,8 @@ def run_search(task: UnlearningTask, config: SearchConfig, progress=None) -> tup
 
     target = task.search_target(config.target, config.rho)
     if config.search == "ptn":
-        result, chosen, refinement, trials = parallel_ptn(task, config, target, progress)
-        chosen = chosen or result.path[-1][0]
+        targets = task.search_targets(target, config.target, task.search_rho(config.rho))
+        target, result, chosen, refinement, trials = parallel_ptn(task, config, targets, progress)
         alpha, lam = chosen.alpha, chosen.lam
         details = {
             "reached": result.reached,

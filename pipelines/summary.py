@@ -76,7 +76,7 @@ def target_line(report: RequestReport) -> str:
     """The forget-accuracy target, met or plainly NOT met, and where `@current` is."""
     accuracy, target = 100 * report.metrics["forget_acc"], 100 * report.target
     if report.target_met:
-        return f"target met: forget accuracy {accuracy:.1f} % <= target {target:.1f} %"
+        return f"target met: forget accuracy {accuracy:.1f} % <= target {target:.1f} %{slack_note(report)}"
     line = f"target NOT met: forget accuracy {accuracy:.1f} % > target {target:.1f} %"
     entry = report.mlflow
     if entry is None:
@@ -85,6 +85,18 @@ def target_line(report: RequestReport) -> str:
         return line + f"; registered as version {entry.model_version}, @current moved to it (--accept-unmet)"
     stays = f"stays at version {entry.current_version}" if entry.current_version else "does not point to it"
     return line + f"; registered as version {entry.model_version} but @current {stays} (--accept-unmet moves it)"
+
+
+def slack_note(report: RequestReport) -> str:
+    """How far a rho target rose, and why (docs/methods.md#a-ρ-targets-slack); '' if it did not."""
+    tried = (report.details.get("slack") or {}).get("tried") or []
+    before = report.details.get("retain_sample_acc_before")
+    if not tried or tried[0]["target"] == report.target or before is None:
+        return ""
+    used = next(run for run in tried if run["target"] == report.target)
+    return (f" (raised from rho x A_0 = {100 * tried[0]['target']:.1f} %, whose answer cost "
+            f"{100 * (before - tried[0]['retain_acc']):.1f} points of retained accuracy; this one "
+            f"{100 * (before - used['retain_acc']):.1f})")
 
 
 def report_rows(report: RequestReport, unlearned: str, retrained: str) -> list[tuple[str, dict, float | None]]:

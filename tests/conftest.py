@@ -34,6 +34,19 @@ def digits_model(digits):
 
 
 @pytest.fixture(scope="session")
+def poisoned_digits():
+    """(data set, model): digits with 5 % of its training rows poisoned (docs/methods.md#poison,
+    drawn from every class, so the identified half, 36 rows, holds 4 real zeros), small_cnn
+    trained on it with the default recipe, seed 0."""
+    dataset = unlearning.load_dataset("digits+poison:rate=0.05,identified=0.5,seed=0")
+    normalize = dataset.normalization()
+    model = unlearning.new_model("small_cnn", 10, dataset.input_shape, normalize, seed=0)
+    model_meta(model)["train_config"] = DEFAULT_RECIPES["small_cnn"].to_dict()
+    train(model, dataset.train, DEFAULT_RECIPES["small_cnn"], normalize)
+    return dataset, model
+
+
+@pytest.fixture(scope="session")
 def digits_checkpoint(digits_model, tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "digits-cnn"
     unlearning.save_model(digits_model, path)
@@ -203,9 +216,10 @@ def assert_parallel_ptn_is_the_sequential_walk(task, config) -> list:
         walk, lambda steps: [task.forget_accuracy(dampened_copy(task.model, full, forget, s)) for s in steps],
         lambda step: task.accuracy(dampened_copy(task.model, full, forget, step), sample),
     )
-    parallel, parallel_chosen, parallel_details, trials = parallel_ptn(task, config, target)
+    used, parallel, parallel_chosen, parallel_details, trials = parallel_ptn(task, config, [target])
     assert sequential.reached and parallel.step == sequential.step and parallel_chosen == chosen
     assert [(s.index, acc) for s, acc in parallel.path] == [(s.index, acc) for s, acc in sequential.path]
+    assert used == target and parallel_details.pop("slack")["tried"][0]["target"] == target
     assert parallel_details == details
     assert len(details["candidates"]) >= 2 if sequential.step.s is not None else details["candidates"] == []
     evaluated = len(sequential.path) + len(details["refinement"])

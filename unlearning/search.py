@@ -88,6 +88,7 @@ class PTNConfig:
     chunk_size: int = 1  # steps per lockstep round of a search's actors (the parallel walk only)
     poison_rho: float = 0.1  # poison requests' default rho (the paper sweeps 0 ... 0.75)
     max_retain_drop: float = 0.10  # refuse an answer that costs more retained-sample accuracy
+    relax_after_drop: float = 0.01  # a rho target costing more retained accuracy is re-sought with slack
 
     def check(self) -> PTNConfig:
         """This config, or a UserError naming the first bad setting."""
@@ -99,8 +100,9 @@ class PTNConfig:
             raise UserError(f"max_steps and chunk_size must be >= 1, got {self.max_steps} and {self.chunk_size}")
         if not 0 < self.min_lambda < 1:
             raise UserError(f"min_lambda must be in (0, 1), got {self.min_lambda}")
-        if not 0 <= self.max_retain_drop <= 1:
-            raise UserError(f"max_retain_drop must be in [0, 1], got {self.max_retain_drop}")
+        for name in ("max_retain_drop", "relax_after_drop"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise UserError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         return self
 
 
@@ -338,20 +340,6 @@ class Refinement:
     def path(self) -> list[dict]:
         return [{**boundary.steps[k].to_dict(), "forget_acc": acc}
                 for boundary in self.boundaries.values() for k, acc in sorted(boundary.accuracy.items())]
-
-
-def check_retained_cost(before: float, after: float, limit: float, rows: int, target: float) -> dict:
-    """The answer's cost on the seeded retained sample, or a UserError above `limit` (a search
-    meets its target at any price: docs/implementation-notes.md, "A ceiling on retained damage")."""
-    if before - after > limit:
-        raise UserError(
-            f"reaching the forget target, {100 * target:.1f} %, costs {100 * (before - after):.1f} points of retained "
-            f"accuracy ({100 * before:.1f} -> {100 * after:.1f} % on {rows} seeded retained rows), more than "
-            f"max_retain_drop={limit:g}; nothing was written or registered (the forget set may hold rows any model "
-            "gets right, e.g. real members of a poison's target class: a higher target or rho spares them; "
-            "max_retain_drop=1 accepts the cost)"
-        )
-    return {"retain_sample_acc_before": before, "retain_sample_acc": after}
 
 
 def drive(machine, evaluate: Callable[[list[Step]], list[float]], chunk: int = 1) -> None:

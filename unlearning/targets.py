@@ -47,6 +47,21 @@ def forget_target(
     return max(original_test_acc, min(original_test_acc + UNSEEN_Z * unseen_se, one_row_below))
 
 
+def slack_targets(target: float, original_forget_acc: float, forget_size: int) -> list[float]:
+    """A rho target, then the looser targets its slack allows, ascending: one per forget row more
+    that may stay right, up to UNSEEN_Z binomial standard errors above rho * A_0 and at least one
+    row below A_0. rho * A_0 stands for what a healed model scores on D_f; over |D_f| rows that
+    score scatters, most where D_f holds real members of its label class, which a healed model
+    still gets right (docs/methods.md#forget-targets). A looser target sits half a row above its
+    row count, so float rounding of an accuracy never decides it."""
+    if forget_size < 1:
+        return [target]
+    spread = UNSEEN_Z * math.sqrt(target * (1 - target) / forget_size)
+    highest = min(target + spread, original_forget_acc - 1 / forget_size)
+    rows = range(math.floor(target * forget_size) + 1, math.floor(highest * forget_size + 1e-9) + 1)
+    return [target] + [(k + 0.5) / forget_size for k in rows]
+
+
 CLASS_TARGET = 0.01
 # How many standard errors above A_mix D_f's accuracy may stay: a model that never saw D_f
 # scores above A_mix + 2 SE on it about 2 % of the time (docs/methods.md#forget-targets). Rows

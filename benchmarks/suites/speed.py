@@ -125,7 +125,7 @@ def ray_ptn(task, config, target: float, sequential) -> dict:
 
     parallel, chunk_size = config.parallel, config.chunk_size
     started = time.perf_counter()
-    found, _, _, trials = parallel_ptn(task, config, target)
+    _, found, _, _, trials = parallel_ptn(task, config, [target])  # no slack: the walk alone
     seconds = time.perf_counter() - started
     task.executor.close()  # the next timing starts its actors afresh
     same = found.step == sequential.step and [a for _, a in found.path] == [a for _, a in sequential.path]

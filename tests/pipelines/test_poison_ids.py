@@ -123,3 +123,24 @@ def test_the_single_potion_step_is_kept_under_its_own_name_and_misses_the_target
     assert report["method"] == "potion_step" and report["target_met"] is False
     attack_after, _ = attack_and_accuracy(root / "step", triggered, clean)
     assert attack_after > 0.5
+
+
+def test_a_raised_target_is_said_with_what_it_saved(poisoned_digits, tmp_path, capsys):
+    """The synthetic poison drawn from every class: 4 of the 36 identified rows are real zeros
+    (tests/unlearning/test_rho_slack.py). The request says its target rose, from what, and why."""
+    dataset, model = poisoned_digits
+    unlearning.save_model(model, tmp_path / "model")
+    code = main(["forget", "--model", str(tmp_path / "model"), "--data", "digits+poison:rate=0.05,identified=0.5,seed=0",
+                 "--forget", "poison:identified", "--method", "potion", "--no-track", "--out", str(tmp_path / "run")])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    tried = report["details"]["slack"]["tried"]
+    before = report["details"]["retain_sample_acc_before"]
+    strict_cost, cost = (100 * (before - run["retain_acc"]) for run in (tried[0], tried[2]))
+    assert report["target"] == tried[2]["target"] > tried[0]["target"] == pytest.approx(0.1 * report["original_metrics"]["forget_acc"])
+    line = next(line for line in out.splitlines() if line.startswith("target met"))
+    assert (f"<= target {100 * report['target']:.1f} % (raised from rho x A_0 = {100 * tried[0]['target']:.1f} %, "
+            f"whose answer cost {strict_cost:.1f} points of retained accuracy; this one {cost:.1f})") in line
+    assert strict_cost - cost > 3
+    assert "(raised from rho x A_0" in (tmp_path / "run" / "report.md").read_text()

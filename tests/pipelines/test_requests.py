@@ -166,3 +166,20 @@ def test_a_search_that_would_wreck_the_model_writes_nothing_and_says_what_it_wou
     error = capsys.readouterr().err.strip().splitlines()[-1]  # after the "no --importance store" warning
     assert code == 2 and "points of retained accuracy" in error and "more than max_retain_drop=0.1;" in error
     assert not (tmp_path / "run").exists()
+
+
+def test_a_rho_targets_slack_is_the_same_on_tune_as_in_process(poisoned_digits):
+    """A poison request whose strict target breaks real target-class rows (tests/unlearning/
+    test_rho_slack.py) takes the same looser target, and the same step, on the actors."""
+    from pipelines.search import run_search
+    from tests.unlearning.test_methods import make_task
+
+    dataset, model = poisoned_digits
+    in_process = unlearning.run_method("potion", make_task(dataset, model, "poison:identified"))
+    config = SearchConfig(importance_kind="l2_norm", reference="retain", parallel=2, chunk_size=2)
+    _, on_tune, trials = run_search(make_task(dataset, model, "poison:identified"), config)
+    assert on_tune.params["target"] == in_process.params["target"] > in_process.details["slack"]["tried"][0]["target"]
+    for key in ("alpha", "lambda", "step"):
+        assert on_tune.params[key] == in_process.params[key]
+    assert on_tune.details["slack"] == in_process.details["slack"]
+    assert len(trials) > len(in_process.details["path"])  # every search's steps are recorded

@@ -8,7 +8,8 @@ import unlearning
 from tests.unlearning.test_methods import make_task
 from unlearning.errors import UserError
 from unlearning.methods.registry import check_params
-from unlearning.search import PTN_DEFAULTS, PTNConfig, check_retained_cost
+from unlearning.retained import check_retained_cost
+from unlearning.search import PTN_DEFAULTS, PTNConfig
 
 
 def test_the_cost_is_returned_at_or_below_the_ceiling_and_refused_above_it():

@@ -74,7 +74,7 @@ def get_method(name: str) -> Method:
 # which must lie in (low, high], or in [low, high] where marked closed.
 LIMITS = {"target": (0.0, 1.0, "closed"), "rho": (0.0, 1.0, ""), "retain_share": (0.0, 1.0, ""),
           "growth": (1.0, math.inf, ""), "mask_share": (0.0, 1.0, ""), "beta": (0.0, 1.0, ""),
-          "max_retain_drop": (0.0, 1.0, "closed")}
+          "max_retain_drop": (0.0, 1.0, "closed"), "relax_after_drop": (0.0, 1.0, "closed")}
 CHOICES = {"kind": ("fisher", "l2", "l2_norm"), "reference": ("full", "retain"), "setting": ("small", "large")}
 
 

@@ -6,14 +6,8 @@ from unlearning.dampening import adaptive_alpha, check_strengths, ssd
 from unlearning.errors import UserError
 from unlearning.methods.registry import MethodOutput, register_method
 from unlearning.methods.task import UnlearningTask
-from unlearning.search import (
-    PTN_DEFAULTS,
-    PTNConfig,
-    PTNWalk,
-    check_retained_cost,
-    dampened_copy,
-    ptn_search,
-)
+from unlearning.retained import check_retained_cost, search_with_slack
+from unlearning.search import PTN_DEFAULTS, PTNConfig, PTNWalk, dampened_copy, ptn_search
 
 
 def _fixed(task: UnlearningTask, kind: str, reference: str, alpha: float, lam: float) -> MethodOutput:
@@ -58,8 +52,8 @@ def potion_step_method(task: UnlearningTask, lam: float) -> MethodOutput:
 
 # The walk's settings a request may override; their defaults live in PTNConfig alone.
 WALK = {key: getattr(PTN_DEFAULTS, key)
-        for key in ("growth", "max_steps", "start_divisor", "walk_back", "refine", "max_retain_drop")}
-PAPER = {"walk_back": False, "refine": False}  # the papers' walk: forward from s_0 only
+        for key in ("growth", "max_steps", "start_divisor", "walk_back", "refine", "max_retain_drop", "relax_after_drop")}
+PAPER = {"walk_back": False, "refine": False, "relax_after_drop": 1.0}  # the papers' walk: forward from s_0 only
 
 
 @register_method("ptn", kind="fisher", reference="full", target=None, rho=None, **WALK)
@@ -75,20 +69,22 @@ def ptn_method(
     walk_back: bool,
     refine: bool,
     max_retain_drop: float = PTN_DEFAULTS.max_retain_drop,
+    relax_after_drop: float = PTN_DEFAULTS.relax_after_drop,
 ) -> MethodOutput:
     """PTN-style search: the least aggressive dampening that brings D_f accuracy to the target,
-    walking back when the first step already meets it, then refined for retained accuracy.
+    walking back when the first step already meets it, then refined for retained accuracy; a rho
+    target that costs more than `relax_after_drop` is searched again with its slack.
 
     `start_divisor` sets s_0 = |D_f| / N / start_divisor (default in PTNConfig); larger starts gentler.
     """
     if reference not in ("full", "retain"):
         raise UserError(f"ptn reference must be 'full' or 'retain', got {reference!r}")
-    rho, target = task.search_rho(rho), task.search_target(target, rho)
+    rho, given = task.search_rho(rho), target
+    target = task.search_target(given, rho)
     full = task.importance(reference, kind)
     forget = task.importance("forget", kind)
     config = PTNConfig(growth=growth, max_steps=max_steps, start_divisor=start_divisor, walk_back=walk_back,
-                       refine=refine, max_retain_drop=max_retain_drop).check()
-    walk = PTNWalk(full, forget, task.forget_fraction, target, config)
+                       refine=refine, max_retain_drop=max_retain_drop, relax_after_drop=relax_after_drop).check()
 
     def evaluate(steps):
         accuracies = [task.forget_accuracy(dampened_copy(task.model, full, forget, step)) for step in steps]
@@ -98,18 +94,26 @@ def ptn_method(
         return accuracies
 
     sample = task.retain_sample(config.retain_sample)
-    result, chosen, details = ptn_search(
-        walk, evaluate, lambda step: task.accuracy(dampened_copy(task.model, full, forget, step), sample)
+    walks = []
+
+    def retain_accuracy(step):
+        return task.accuracy(dampened_copy(task.model, full, forget, step), sample)
+
+    def search(goal):
+        walks.append(PTNWalk(full, forget, task.forget_fraction, goal, config))
+        return ptn_search(walks[-1], evaluate, retain_accuracy)
+
+    before = task.accuracy(task.model, sample)
+    target, result, chosen, details = search_with_slack(
+        search, task.search_targets(target, given, rho), retain_accuracy, before, config.relax_after_drop
     )
-    chosen = chosen or result.path[-1][0]
     output = _fixed(task, kind, reference, chosen.alpha, chosen.lam)
-    cost = check_retained_cost(task.accuracy(task.model, sample), task.accuracy(output.model, sample),
-                               config.max_retain_drop, len(sample), target)
+    cost = check_retained_cost(before, task.accuracy(output.model, sample), config.max_retain_drop, len(sample), target)
     output.params.update({"target": target, "rho": rho, "reference": reference, "step": chosen.index})
     output.details.update(
         {
             "reached": result.reached,
-            "schedule_length": len(walk.schedule),
+            "schedule_length": len(walks[0].schedule),  # the same for any target
             "path": [{**step.to_dict(), "forget_acc": acc} for step, acc in result.path],
             **details,
             **cost,
@@ -131,12 +135,12 @@ def ptn_paper_method(task: UnlearningTask, kind: str, reference: str, target: fl
 @register_method("potion", target=None, rho=None, **WALK)
 def potion_method(
     task: UnlearningTask, target: float | None, rho: float | None, growth: float, max_steps: int,
-    start_divisor: float, walk_back: bool, refine: bool, max_retain_drop: float,
+    start_divisor: float, walk_back: bool, refine: bool, max_retain_drop: float, relax_after_drop: float,
 ) -> MethodOutput:
     """Potion: l2-norm importance, I^D on D_r, the PTN walk to rho x A_0 (poison), with this
     project's walk back and refinement (`potion_paper` without them)."""
     return ptn_method(task, "l2_norm", "retain", target, rho, growth, max_steps, start_divisor, walk_back, refine,
-                      max_retain_drop)
+                      max_retain_drop, relax_after_drop)
 
 
 @register_method("potion_paper", target=None, rho=None, growth=PTN_DEFAULTS.growth, max_steps=PTN_DEFAULTS.max_steps,

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from unlearning.data import Dataset, ForgetSet, Split
 from unlearning.data.containers import seeded_sample
 from unlearning.passes import LocalExecutor
-from unlearning.targets import forget_target, request_rho, unseen_accuracy
+from unlearning.targets import forget_target, request_rho, slack_targets, unseen_accuracy
 from unlearning.training import TrainConfig
 
 
@@ -145,6 +145,13 @@ class UnlearningTask:
             rho=rho,
             forget_size=len(self.forget_split),
         )
+
+    def search_targets(self, target: float, given: float | None, rho: float | None) -> list[float]:
+        """A rho target and the looser ones it may take when meeting it costs retained accuracy
+        (`slack_targets`); [target] alone when the request gave one (`given`) or it is no rho target."""
+        if given is not None or rho is None:
+            return [target]
+        return slack_targets(target, self.original_accuracy("forget"), len(self.forget_split))
 
     def retain_sample(self, size: int, seed: int | None = None) -> Split:
         """`size` retained rows drawn with `seed` (default: the task's), all of them if fewer; the
