@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 CLASS_HEADER = (
     "| method | retain acc | forget acc | forget acc (train rows) | test acc | MIA | retain drop (pts) "
@@ -30,14 +31,34 @@ def pct(x) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
 
 
+def method(summary: dict) -> str:
+    """The method's name, and how many of its requests it refused (averages leave them out)."""
+    refused = summary.get("refused", 0)
+    return f"{summary['method']} ({refused} refused)" if refused else summary["method"]
+
+
+def refusal(row: dict) -> str:
+    """'refused (N pts)': a request the method refused, with the retained cost it named."""
+    cost = re.search(r"costs (\d+\.\d) points", row["details"].get("refused", ""))
+    return f"refused ({cost.group(1)} pts of retained acc)" if cost else "refused"
+
+
+def seconds(x) -> str:
+    return "–" if math.isnan(x) else f"{x:.1f}"
+
+
+def points(x) -> str:
+    return "–" if math.isnan(x) else f"{100 * x:.1f}"
+
+
 def class_table(summary) -> str:
     lines = [CLASS_HEADER, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for s in summary:
         lines.append(
-            f"| {s['method']} | {pct(s['retain_acc'])} | {pct(s['forget_acc'])} | {pct(s['train_forget_acc'])} | "
-            f"{pct(s['test_acc'])} | {pct(s['mia'])} | {100 * s['retain_drop']:.1f} | "
-            f"{pct(s['worst_forget_acc'])} ({s['worst_forget_class']}) | {100 * s['worst_retain_drop']:.1f} | "
-            f"{s['seconds_importance']:.1f} | {s['seconds_unlearn']:.1f} |"
+            f"| {method(s)} | {pct(s['retain_acc'])} | {pct(s['forget_acc'])} | {pct(s['train_forget_acc'])} | "
+            f"{pct(s['test_acc'])} | {pct(s['mia'])} | {points(s['retain_drop'])} | "
+            f"{pct(s['worst_forget_acc'])} ({s['worst_forget_class']}) | {points(s['worst_retain_drop'])} | "
+            f"{seconds(s['seconds_importance'])} | {seconds(s['seconds_unlearn'])} |"
         )
     return "\n".join(lines)
 
@@ -48,8 +69,8 @@ def random_table(summary) -> str:
     lines = [header, "|---|---:|---:|---:|---:|" + ("---:|---:|" if rmia else "") + "---:|---:|"]
     for s in summary:
         extra = f"{s['rmia_auc']:.3f} | {pct(s['rmia_flagged'])} | " if rmia else ""
-        lines.append(f"| {s['method']} | {pct(s['retain_acc'])} | {pct(s['forget_acc'])} | {pct(s['test_acc'])} | "
-                     f"{pct(s['mia'])} | {extra}{s['seconds_importance']:.1f} | {s['seconds_unlearn']:.1f} |")
+        lines.append(f"| {method(s)} | {pct(s['retain_acc'])} | {pct(s['forget_acc'])} | {pct(s['test_acc'])} | "
+                     f"{pct(s['mia'])} | {extra}{seconds(s['seconds_importance'])} | {seconds(s['seconds_unlearn'])} |")
     return "\n".join(lines)
 
 
@@ -60,14 +81,21 @@ def poison_table(result) -> str:
         lines.extend(poison_request_line(q, r) for r in q["rows"])
     lines += ["", POISON_SUMMARY_HEADER, "|---:|---|---:|---:|---:|---:|"]
     for s in result["summary"]:
-        lines.append(f"| {s['identified']:.0%} | {s['method']} | {pct(s['healed'])} ({pct(s['healed_min'])}) | "
-                     f"{100 * s['accuracy_drop']:.2f} ({100 * s['accuracy_drop_max']:.2f}) | {s['seconds']:.1f} | "
+        lines.append(f"| {s['identified']:.0%} | {method(s)} | {pct(s['healed'])} ({pct(s['healed_min'])}) | "
+                     f"{drop(s['accuracy_drop'])} ({drop(s['accuracy_drop_max'])}) | {seconds(s['seconds'])} | "
                      f"{s['seeds']} |")
     return "\n".join(lines)
 
 
+def drop(x) -> str:
+    return "–" if math.isnan(x) else f"{100 * x:.2f}"
+
+
 def poison_request_line(q, r) -> str:
     o, m = q["original"], r["metrics"]
+    if r.get("refused"):
+        return (f"| {q['seed']} | {q['identified_count']}/{q['poisoned']} | {r['method']} | {refusal(r)} | – | "
+                f"{pct(o['test_acc'])} → – | – | – |")
     return (
         f"| {q['seed']} | {q['identified_count']}/{q['poisoned']} | {r['method']} | "
         f"{pct(o['attack_success_rate'])} → {pct(m['attack_success_rate'])} | {pct(m['healed'])} | "

@@ -139,6 +139,13 @@ def method_row(request: dict, name: str) -> dict:
     return next(row for row in request["rows"] if row["method"] == name)
 
 
+def answered(requests: list[dict], name: str) -> tuple[list[dict], int]:
+    """(the requests `name` answered, how many it refused); summaries average the answered ones
+    and say how many were refused, rather than letting a refusal's NaN decide a worst case."""
+    kept = [q for q in requests if name == "original" or not method_row(q, name).get("refused")]
+    return kept, len(requests) - len(kept)
+
+
 def shown(metrics: dict) -> str:
     return "  ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float))
 

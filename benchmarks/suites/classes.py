@@ -6,11 +6,20 @@ forgets `--random-count` random training rows, one request per `--forget-seeds`.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import unlearning
 from benchmarks.common import Scale, load, log, original_model, reference_models
-from benchmarks.suites.blocks import BASE_METRICS, Bench, first_seed, mean, method_row, run_request
+from benchmarks.suites.blocks import (
+    BASE_METRICS,
+    Bench,
+    answered,
+    first_seed,
+    mean,
+    method_row,
+    run_request,
+)
 
 COARSE = "0,1,8,9/2,3,4,5,6,7"  # CIFAR-10 vehicles vs animals, fine labels kept
 RMIA_METRICS = ("rmia_auc", "rmia_flagged")  # with --references (unlearning.mia)
@@ -68,6 +77,9 @@ def summarise_classes(requests: list[dict], methods: list[str]) -> list[dict]:
 def class_summary(name: str, requests: list[dict]) -> dict:
     """Means over the requests and the worst request (highest forget accuracy) of one method."""
     per = []  # (forget spec, metrics, retained test accuracy drop, seconds)
+    requests, refused = answered(requests, name)
+    if not requests:
+        return {"method": name, "refused": refused, **dict.fromkeys(CLASS_FIGURES, math.nan), "worst_forget_class": "–"}
     for request in requests:
         metrics, seconds = request_outcome(request, name)
         drop = request["original"]["test_retain_acc"] - metrics["test_retain_acc"]
@@ -86,7 +98,12 @@ def class_summary(name: str, requests: list[dict]) -> dict:
         "worst_retain_drop": max(p[2] for p in per),
         "seconds_importance": mean(p[3][0] for p in per),
         "seconds_unlearn": mean(p[3][1] for p in per),
+        "refused": refused,
     }
+
+
+CLASS_FIGURES = ("retain_acc", "forget_acc", "train_forget_acc", "test_acc", "mia", "retain_drop", "worst_forget_acc",
+                 "worst_retain_drop", "seconds_importance", "seconds_unlearn")
 
 
 def random_suite(args, scale: Scale) -> dict:
@@ -106,10 +123,12 @@ def random_suite(args, scale: Scale) -> dict:
 
 
 def random_summary(name: str, requests: list[dict]) -> dict:
-    per = [request_outcome(request, name) for request in requests]
+    kept, refused = answered(requests, name)
+    per = [request_outcome(request, name) for request in kept] or [({}, (math.nan, math.nan))]
     return {
         "method": name,
-        **{key: mean(metrics[key] for metrics, _ in per) for key in BASE_METRICS},
+        "refused": refused,
+        **{key: mean(metrics.get(key, math.nan) for metrics, _ in per) for key in BASE_METRICS},
         **{key: mean(metrics[key] for metrics, _ in per) for key in RMIA_METRICS if key in per[0][0]},
         "seconds_importance": mean(seconds[0] for _, seconds in per),
         "seconds_unlearn": mean(seconds[1] for _, seconds in per),

@@ -7,9 +7,11 @@ share and the clean accuracy drop come from `pipelines.request.poison_outcome`.
 
 from __future__ import annotations
 
+import math
+
 import unlearning
 from benchmarks.common import Scale, load, log, original_model
-from benchmarks.suites.blocks import Bench, mean, method_row, run_request
+from benchmarks.suites.blocks import Bench, answered, mean, method_row, run_request
 from pipelines.request import poison_outcome
 
 POISON_METHODS = ["potion", "ssd", "retrain", "finetune", "salun", "scrub", "l1_sparse", "neggrad_plus"]
@@ -48,10 +50,15 @@ def poison_request(args, scale: Scale, seed: int, identified: float) -> dict:
 
 def poison_summary(requests: list[dict], identified: float, name: str) -> dict:
     """One method at one identified share: mean and worst over the seeds."""
-    rows = [method_row(q, name) for q in requests if q["identified"] == identified]
+    kept, refused = answered([q for q in requests if q["identified"] == identified], name)
+    rows = [method_row(q, name) for q in kept]
+    if not rows:
+        return {"identified": identified, "method": name, "refused": refused, "seeds": 0,
+                **dict.fromkeys(("healed", "healed_min", "accuracy_drop", "accuracy_drop_max", "seconds"), math.nan)}
     return {
         "identified": identified,
         "method": name,
+        "refused": refused,
         "healed": mean(r["metrics"]["healed"] for r in rows),
         "healed_min": min(r["metrics"]["healed"] for r in rows),
         "accuracy_drop": mean(r["metrics"]["accuracy_drop"] for r in rows),
