@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +51,7 @@ class SearchConfig:
     """A search space from tune_configs/*.yaml (unknown keys are refused)."""
 
     search: str = "ptn"  # "ptn" or "tpe"
-    importance_kind: str = "fisher"
+    importance_kind: str | None = None  # None: the request's (UnlearningTask.search_kind), as for `ptn`
     reference: str = "full"  # I^D over the full data ("full") or the retained data ("retain")
     target: float | None = None  # forget-accuracy target; None = the request kind's default
     rho: float | None = None
@@ -309,6 +309,7 @@ def run_search(task: UnlearningTask, config: SearchConfig, progress=None) -> tup
     """Search, then apply the chosen dampening: (method name, output, trials for MLflow)."""
     from unlearning.dampening import ssd
 
+    config = replace(config, importance_kind=config.importance_kind or task.search_kind())
     target = task.search_target(config.target, config.rho)
     if config.search == "ptn":
         targets = task.search_targets(target, config.target, task.search_rho(config.rho))

@@ -270,8 +270,8 @@ def test_search_configs_resolve_by_name_from_the_installed_wheel(wheel, tmp_path
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.splitlines()
-    # potion_ptn, potion's earlier name, still finds its config
-    assert lines[:4] == ["ptn ptn fisher", "potion ptn l2_norm", "potion_ptn ptn l2_norm", "tpe tpe fisher"]
+    # potion_ptn, potion's earlier name, still finds its config; ptn reads the request's kind (None)
+    assert lines[:4] == ["ptn ptn None", "potion ptn l2_norm", "potion_ptn ptn l2_norm", "tpe tpe fisher"]
     assert Path(lines[4]).is_relative_to(target)  # the installed copy answered, not the repository
 
 

@@ -183,3 +183,22 @@ def test_a_rho_targets_slack_is_the_same_on_tune_as_in_process(poisoned_digits):
         assert on_tune.params[key] == in_process.params[key]
     assert on_tune.details["slack"] == in_process.details["slack"]
     assert len(trials) > len(in_process.details["path"])  # every search's steps are recorded
+
+
+def test_a_sub_class_search_reads_the_label_free_importance_on_tune_as_in_process():
+    """Without importance_kind, `unlearn search` reads the request's kind, as `ptn` does:
+    l2 for a sub-class (docs/methods.md#ptn-search), and takes the same answer."""
+    from pipelines.search import run_search
+    from tests.unlearning.test_methods import make_task
+    from unlearning.checkpoint import model_meta
+    from unlearning.training import TrainConfig, train
+
+    dataset = unlearning.load_dataset("digits+coarse:0,1,2,3,4/5,6,7,8,9")
+    model = unlearning.new_model("small_cnn", 2, dataset.input_shape, dataset.normalization(), seed=0)
+    model_meta(model)["train_config"] = TrainConfig(epochs=5).to_dict()
+    train(model, dataset.train, TrainConfig(epochs=5), dataset.normalization())
+    in_process = unlearning.run_method("ptn", make_task(dataset, model, "subclass:7"))
+    _, on_tune, _ = run_search(make_task(dataset, model, "subclass:7"), SearchConfig(parallel=2))
+    assert on_tune.params["kind"] == in_process.params["kind"] == "l2"
+    for key in ("alpha", "lambda", "step", "target"):
+        assert on_tune.params[key] == in_process.params[key]

@@ -56,10 +56,10 @@ WALK = {key: getattr(PTN_DEFAULTS, key)
 PAPER = {"walk_back": False, "refine": False, "relax_after_drop": 1.0}  # the papers' walk: forward from s_0 only
 
 
-@register_method("ptn", kind="fisher", reference="full", target=None, rho=None, **WALK)
+@register_method("ptn", kind=None, reference="full", target=None, rho=None, **WALK)
 def ptn_method(
     task: UnlearningTask,
-    kind: str,
+    kind: str | None,
     reference: str,
     target: float | None,
     rho: float | None,
@@ -76,9 +76,11 @@ def ptn_method(
     target that costs more than `relax_after_drop` is searched again with its slack.
 
     `start_divisor` sets s_0 = |D_f| / N / start_divisor (default in PTNConfig); larger starts gentler.
+    `kind` None: the request's (`UnlearningTask.search_kind`: l2 for a sub-class, else fisher).
     """
     if reference not in ("full", "retain"):
         raise UserError(f"ptn reference must be 'full' or 'retain', got {reference!r}")
+    kind = kind or task.search_kind()
     rho, given = task.search_rho(rho), target
     target = task.search_target(given, rho)
     full = task.importance(reference, kind)

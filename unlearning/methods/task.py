@@ -146,6 +146,12 @@ class UnlearningTask:
             forget_size=len(self.forget_split),
         )
 
+    def search_kind(self) -> str:
+        """The importance a PTN search reads unless told: label-free `l2` for a sub-class (the Fisher
+        importance of its coarse label singles out its misclassified rows, so dampening raises
+        their accuracy until the model breaks: docs/methods.md#ptn-search), else `fisher`."""
+        return "l2" if self.forget.kind == "subclass" else "fisher"
+
     def search_targets(self, target: float, given: float | None, rho: float | None) -> list[float]:
         """A rho target and the looser ones it may take when meeting it costs retained accuracy
         (`slack_targets`); [target] alone when the request gave one (`given`) or it is no rho target."""
