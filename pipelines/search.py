@@ -183,8 +183,8 @@ def parallel_ptn(
     """
     import ray
 
-    full = task.importance(config.reference, config.importance_kind)
-    forget = task.importance("forget", config.importance_kind)
+    kind = config.importance_kind or task.search_kind()
+    full, forget = task.importance(config.reference, kind), task.importance("forget", kind)
     executor = search_executor(task)
     split = task.forget_split
     parallel = min(config.parallel or default_parallel(config), len(split))
