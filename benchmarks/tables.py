@@ -27,8 +27,13 @@ def table(suite: str, result: dict) -> str:
     return speed_table(result)
 
 
+def number(x, scale: float = 1.0, digits: int = 1) -> str:
+    """`scale * x` to `digits` places; "–" for a figure nobody measured (None, or NaN: a refusal)."""
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{scale * x:.{digits}f}"
+
+
 def pct(x) -> str:
-    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
+    return number(x, 100)
 
 
 def method(summary: dict) -> str:
@@ -43,22 +48,14 @@ def refusal(row: dict) -> str:
     return f"refused ({cost.group(1)} pts of retained acc)" if cost else "refused"
 
 
-def seconds(x) -> str:
-    return "–" if math.isnan(x) else f"{x:.1f}"
-
-
-def points(x) -> str:
-    return "–" if math.isnan(x) else f"{100 * x:.1f}"
-
-
 def class_table(summary) -> str:
     lines = [CLASS_HEADER, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for s in summary:
         lines.append(
             f"| {method(s)} | {pct(s['retain_acc'])} | {pct(s['forget_acc'])} | {pct(s['train_forget_acc'])} | "
-            f"{pct(s['test_acc'])} | {pct(s['mia'])} | {points(s['retain_drop'])} | "
-            f"{pct(s['worst_forget_acc'])} ({s['worst_forget_class']}) | {points(s['worst_retain_drop'])} | "
-            f"{seconds(s['seconds_importance'])} | {seconds(s['seconds_unlearn'])} |"
+            f"{pct(s['test_acc'])} | {pct(s['mia'])} | {pct(s['retain_drop'])} | "
+            f"{pct(s['worst_forget_acc'])} ({s['worst_forget_class']}) | {pct(s['worst_retain_drop'])} | "
+            f"{number(s['seconds_importance'])} | {number(s['seconds_unlearn'])} |"
         )
     return "\n".join(lines)
 
@@ -70,7 +67,7 @@ def random_table(summary) -> str:
     for s in summary:
         extra = f"{s['rmia_auc']:.3f} | {pct(s['rmia_flagged'])} | " if rmia else ""
         lines.append(f"| {method(s)} | {pct(s['retain_acc'])} | {pct(s['forget_acc'])} | {pct(s['test_acc'])} | "
-                     f"{pct(s['mia'])} | {extra}{seconds(s['seconds_importance'])} | {seconds(s['seconds_unlearn'])} |")
+                     f"{pct(s['mia'])} | {extra}{number(s['seconds_importance'])} | {number(s['seconds_unlearn'])} |")
     return "\n".join(lines)
 
 
@@ -82,13 +79,9 @@ def poison_table(result) -> str:
     lines += ["", POISON_SUMMARY_HEADER, "|---:|---|---:|---:|---:|---:|"]
     for s in result["summary"]:
         lines.append(f"| {s['identified']:.0%} | {method(s)} | {pct(s['healed'])} ({pct(s['healed_min'])}) | "
-                     f"{drop(s['accuracy_drop'])} ({drop(s['accuracy_drop_max'])}) | {seconds(s['seconds'])} | "
+                     f"{number(s['accuracy_drop'], 100, 2)} ({number(s['accuracy_drop_max'], 100, 2)}) | {number(s['seconds'])} | "
                      f"{s['seeds']} |")
     return "\n".join(lines)
-
-
-def drop(x) -> str:
-    return "–" if math.isnan(x) else f"{100 * x:.2f}"
 
 
 def poison_request_line(q, r) -> str:

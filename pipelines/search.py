@@ -32,14 +32,13 @@ from pipelines.distributed.rows import RaySplit
 from pipelines.ray_session import ensure_ray, fit_off_main_thread, run_storage
 from unlearning.errors import UserError
 from unlearning.methods import MethodOutput, UnlearningTask
-from unlearning.retained import check_retained_cost, search_with_slack
+from unlearning.retained import search_with_slack
 from unlearning.search import (
     PTN_DEFAULTS,
     PTNConfig,
     PTNWalk,
     SearchResult,
     Step,
-    dampened_copy,
     ptn_search,
 )
 
@@ -213,18 +212,17 @@ def parallel_ptn(
                 progress({"step": step.index, "alpha": step.alpha, "lam": step.lam, PTN_METRIC: acc})
         return accuracies
 
-    sample = task.retain_sample(config.walk().retain_sample)
-
-    def retain_accuracy(step: Step) -> float:
-        return task.accuracy(dampened_copy(task.model, full, forget, step), sample)
+    walk_config = config.walk()
+    retain_accuracy = task.retained_scorer(full, forget, walk_config.retain_sample)
+    sample = task.retain_sample(walk_config.retain_sample)
 
     def search(goal: float):
-        return ptn_search(PTNWalk(full, forget, task.forget_fraction, goal, config.walk()), evaluate,
+        return ptn_search(PTNWalk(full, forget, task.forget_fraction, goal, walk_config), evaluate,
                           retain_accuracy, config.chunk_size)
 
-    try:  # the in-process method's choice between the target and its slack (unlearning.retained)
-        found = search_with_slack(search, targets, retain_accuracy, task.accuracy(task.model, sample),
-                                  config.relax_after_drop)
+    try:  # the in-process method's choice of target, and its ceiling (unlearning.retained)
+        found = search_with_slack(search, targets, retain_accuracy, task.accuracy(task.model, sample), len(sample),
+                                  walk_config)
     finally:
         ray.get([actor.drop.remote(key) for actor in pool])
     return (*found, trials)
@@ -329,11 +327,7 @@ def run_search(task: UnlearningTask, config: SearchConfig, progress=None) -> tup
         extra = {}
     full = task.importance(config.reference, config.importance_kind)
     forget = task.importance("forget", config.importance_kind)
-    model = ssd(task.model, full, forget, alpha, lam)
-    if config.search == "ptn":  # the in-process walk's ceiling, on the same sample (TPE scores its own)
-        sample = task.retain_sample(config.walk().retain_sample)
-        details.update(check_retained_cost(task.accuracy(task.model, sample), task.accuracy(model, sample),
-                                           config.max_retain_drop, len(sample), target))
+    model = ssd(task.model, full, forget, alpha, lam)  # PTN's cost is checked in the search; TPE scores its own
     rho = task.search_rho(config.rho)
     params = {"alpha": alpha, "lambda": lam, "kind": config.importance_kind, "target": target,
               "rho": rho, "reference": config.reference, **extra}

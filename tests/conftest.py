@@ -220,6 +220,8 @@ def assert_parallel_ptn_is_the_sequential_walk(task, config) -> list:
     assert sequential.reached and parallel.step == sequential.step and parallel_chosen == chosen
     assert [(s.index, acc) for s, acc in parallel.path] == [(s.index, acc) for s, acc in sequential.path]
     assert used == target and parallel_details.pop("slack")["tried"][0]["target"] == target
+    before, after = parallel_details.pop("retain_sample_acc_before"), parallel_details.pop("retain_sample_acc")
+    assert before - after <= config.max_retain_drop  # the ceiling's scores, checked in the search
     assert parallel_details == details
     assert len(details["candidates"]) >= 2 if sequential.step.s is not None else details["candidates"] == []
     evaluated = len(sequential.path) + len(details["refinement"])

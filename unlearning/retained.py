@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from unlearning.errors import UserError
-from unlearning.search import SearchResult, Step
+from unlearning.search import PTNConfig, SearchResult, Step
 
 # search(target) -> (the walk's result, the step to apply or None, details): unlearning.search.ptn_search
 Search = Callable[[float], tuple[SearchResult, Step | None, dict]]
@@ -28,18 +28,21 @@ def check_retained_cost(before: float, after: float, limit: float, rows: int, ta
 
 
 def search_with_slack(
-    search: Search, targets: list[float], retain_accuracy: Callable[[Step], float], before: float,
-    relax_after_drop: float,
+    search: Search, targets: list[float], retain_accuracy: Callable[[Step], float], before: float, rows: int,
+    config: PTNConfig,
 ) -> tuple[float, SearchResult, Step, dict]:
-    """(the target used, the walk's result, the step to apply, details).
+    """(the target used, the walk's result, the step to apply, details), the answer's cost
+    checked against `config.max_retain_drop` (`check_retained_cost`); `retain_accuracy` scores a
+    step on the `rows` seeded retained rows where the original scores `before`.
 
     `targets`: the request's target, then looser ones (unlearning.targets.slack_targets). The
-    answer at the first, unless it costs more than `relax_after_drop` of the retained sample's
-    accuracy (`before` on the original model) and the loosest target's answer keeps more than
-    `relax_after_drop` more: then the least loose target whose answer keeps within
-    `relax_after_drop` of the loosest's (a bisection: looser targets take gentler steps). Slack
-    is spent only where it buys retained accuracy. Every search run is in details["slack"].
+    answer at the first, unless it costs more than `config.relax_after_drop` of the retained
+    sample's accuracy (`before` on the original model) and the loosest target's answer keeps more
+    than that more: then the least loose target whose answer keeps within `relax_after_drop` of
+    the loosest's (a bisection: looser targets take gentler steps). Slack is spent only where it
+    buys retained accuracy. Every search run is in details["slack"].
     """
+    relax_after_drop = config.relax_after_drop
     runs: dict[int, tuple] = {}
 
     def run(i: int) -> tuple:
@@ -58,6 +61,7 @@ def search_with_slack(
         while pick - low > 1:
             middle = (low + pick) // 2
             low, pick = (low, middle) if enough(middle, run(last)[3]) else (middle, pick)
-    result, chosen, details, _ = runs[pick]
+    result, chosen, details, after = runs[pick]
+    cost = check_retained_cost(before, after, config.max_retain_drop, rows, targets[pick])
     tried = [{"target": targets[i], "retain_acc": runs[i][3], "reached": runs[i][0].reached} for i in sorted(runs)]
-    return targets[pick], result, chosen, {**details, "slack": {"targets": len(targets), "tried": tried}}
+    return targets[pick], result, chosen, {**details, "slack": {"targets": len(targets), "tried": tried}, **cost}

@@ -124,11 +124,14 @@ def random_suite(args, scale: Scale) -> dict:
 
 def random_summary(name: str, requests: list[dict]) -> dict:
     kept, refused = answered(requests, name)
-    per = [request_outcome(request, name) for request in kept] or [({}, (math.nan, math.nan))]
+    per = [request_outcome(request, name) for request in kept]
+    if not per:
+        return {"method": name, "refused": refused,
+                **dict.fromkeys((*BASE_METRICS, "seconds_importance", "seconds_unlearn"), math.nan)}
     return {
         "method": name,
         "refused": refused,
-        **{key: mean(metrics.get(key, math.nan) for metrics, _ in per) for key in BASE_METRICS},
+        **{key: mean(metrics[key] for metrics, _ in per) for key in BASE_METRICS},
         **{key: mean(metrics[key] for metrics, _ in per) for key in RMIA_METRICS if key in per[0][0]},
         "seconds_importance": mean(seconds[0] for _, seconds in per),
         "seconds_unlearn": mean(seconds[1] for _, seconds in per),

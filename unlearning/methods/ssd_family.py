@@ -6,7 +6,7 @@ from unlearning.dampening import adaptive_alpha, check_strengths, ssd
 from unlearning.errors import UserError
 from unlearning.methods.registry import MethodOutput, register_method
 from unlearning.methods.task import UnlearningTask
-from unlearning.retained import check_retained_cost, search_with_slack
+from unlearning.retained import search_with_slack
 from unlearning.search import PTN_DEFAULTS, PTNConfig, PTNWalk, dampened_copy, ptn_search
 
 
@@ -95,22 +95,19 @@ def ptn_method(
                 task.progress({"step": step.index, "forget_acc": acc})
         return accuracies
 
-    sample = task.retain_sample(config.retain_sample)
+    retain_accuracy = task.retained_scorer(full, forget, config.retain_sample)
     walks = []
-
-    def retain_accuracy(step):
-        return task.accuracy(dampened_copy(task.model, full, forget, step), sample)
 
     def search(goal):
         walks.append(PTNWalk(full, forget, task.forget_fraction, goal, config))
         return ptn_search(walks[-1], evaluate, retain_accuracy)
 
-    before = task.accuracy(task.model, sample)
+    sample = task.retain_sample(config.retain_sample)
     target, result, chosen, details = search_with_slack(
-        search, task.search_targets(target, given, rho), retain_accuracy, before, config.relax_after_drop
+        search, task.search_targets(target, given, rho), retain_accuracy, task.accuracy(task.model, sample),
+        len(sample), config,
     )
     output = _fixed(task, kind, reference, chosen.alpha, chosen.lam)
-    cost = check_retained_cost(before, task.accuracy(output.model, sample), config.max_retain_drop, len(sample), target)
     output.params.update({"target": target, "rho": rho, "reference": reference, "step": chosen.index})
     output.details.update(
         {
@@ -118,7 +115,6 @@ def ptn_method(
             "schedule_length": len(walks[0].schedule),  # the same for any target
             "path": [{**step.to_dict(), "forget_acc": acc} for step, acc in result.path],
             **details,
-            **cost,
         }
     )
     return output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -11,6 +12,7 @@ from torch import Tensor, nn
 from unlearning.data import Dataset, ForgetSet, Split
 from unlearning.data.containers import seeded_sample
 from unlearning.passes import LocalExecutor
+from unlearning.search import Step, dampened_copy
 from unlearning.targets import forget_target, request_rho, slack_targets, unseen_accuracy
 from unlearning.training import TrainConfig
 
@@ -167,6 +169,13 @@ class UnlearningTask:
         if key not in self.cache:
             self.cache[key] = self.retain_split.subset(seeded_sample(len(self.retain_split), size, seed))
         return self.cache[key]
+
+    def retained_scorer(self, full_importance, forget_importance, size: int) -> Callable[[Step], float]:
+        """step -> the accuracy of the original dampened at `step` on `retain_sample(size)`, each
+        step scored once (the refinement, the slack's walks and the ceiling ask for the same steps)."""
+        sample = self.retain_sample(size)
+        return functools.cache(lambda step: self.accuracy(dampened_copy(self.model, full_importance,
+                                                                        forget_importance, step), sample))
 
     def forget_accuracy(self, model: nn.Module) -> float:
         return self.accuracy(model, self.forget_split)
