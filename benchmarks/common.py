@@ -51,6 +51,7 @@ class Scale:
     importance_mode: str = "batch"
     importance_batch: int = 64
     device: str = "cpu"
+    inference_precision: str = "fp32"  # the requests' search passes; reported metrics are fp32 always
     seeds: list[int] | None = None
     quick: bool = False
     ptn_start_divisor: float | None = None  # None = unlearning.search.PTNConfig's default

@@ -68,7 +68,8 @@ def scale_from(args) -> Scale:
         lr=args.lr, augment=not args.no_augment, label_smoothing=args.label_smoothing,
         precision=args.precision, channels_last=args.channels_last, train_rows=args.train_rows, test_rows=args.test_rows,
         classes=args.classes, retrain_epochs=args.retrain_epochs, importance_mode=args.importance_mode,
-        device=args.device, seeds=args.seeds, quick=args.quick, ptn_start_divisor=args.ptn_start_divisor,
+        device=args.device, inference_precision=args.inference_precision, seeds=args.seeds, quick=args.quick,
+        ptn_start_divisor=args.ptn_start_divisor,
         method_params=method_param_table(args.param), references=args.references,
     )
     if args.quick:  # same code paths, smaller: a class-balanced subset, fewer epochs and requests
@@ -104,6 +105,9 @@ def add_scale_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                         help="original model's (and retrain's) training precision; bf16 autocast")
     parser.add_argument("--channels-last", action="store_true", help="NHWC layout while training")
+    parser.add_argument("--inference-precision", default="fp32", choices=["fp32", "bf16"],
+                        help="the requests' forward passes while they search (each method's own outcome "
+                             "passes); the tables' metrics are fp32 always")
     parser.add_argument("--train-rows", type=int, default=None, help="use the first N training rows")
     parser.add_argument("--test-rows", type=int, default=None, help="use the first N test rows")
     parser.add_argument("--classes", type=int, nargs="+", default=None, help="classes (fine classes) to forget")

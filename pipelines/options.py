@@ -15,6 +15,7 @@ import torch
 import unlearning
 from pipelines.ray_session import DEFAULT_RAY_MIN_ROWS, check_workers
 from unlearning.errors import UserError
+from unlearning.training import PRECISIONS
 
 DEFAULT_METHOD = "ptn"
 
@@ -47,6 +48,7 @@ class ForgetOptions:
     batch_size: int = 64
     seed: int = 0
     device: str = field(default_factory=default_device)
+    inference_precision: str = "fp32"  # outcome passes (accuracies, search steps): fp32 or bf16 autocast
     rho: float | None = None
     search: str | None = None  # a tune_configs/*.yaml file: search on Ray Tune instead
     compare_retrain: bool = False  # also retrain from scratch and report it alongside
@@ -70,6 +72,9 @@ class ForgetOptions:
             check_workers(self.workers)
         if self.ray_min_rows is not None and self.ray_min_rows < 0:
             raise UserError(f"--ray-min-rows must be 0 or more, got {self.ray_min_rows}")
+        if self.inference_precision not in PRECISIONS:
+            raise UserError(f"--inference-precision must be one of {', '.join(PRECISIONS)}, "
+                            f"got {self.inference_precision!r}")
         if self.mode not in ("per_sample", "batch"):
             raise UserError(f"--mode must be per_sample or batch, got {self.mode!r}")
         if self.model_name is not None:

@@ -67,6 +67,7 @@ class RequestReport:
     method_on_ray: dict | None = None  # a method with its own loop run as a Ray task: device, threads, seconds
     target: float | None = None  # the forget-accuracy target: what retraining would give (docs/methods.md)
     target_met: bool | None = None  # forget accuracy <= target; if not, @current stays (unless --accept-unmet)
+    inference_precision: str = "fp32"  # of the outcome passes behind every accuracy here
     request_id: str | None = None  # names the run directory, its MLflow run and version (a rerun adopts by it)
 
     @property

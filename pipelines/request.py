@@ -110,6 +110,7 @@ def prepare_loaded(model: torch.nn.Module, dataset: Dataset, forget: ForgetSet, 
         importance_mode=options.mode, batch_size=options.batch_size, seed=options.seed, device=options.device,
         full_importance=full_importance, full_importance_kind=(store_meta or {}).get("kind"),
         full_importance_mode=(store_meta or {}).get("mode"), rho=options.rho,
+        inference_precision=options.inference_precision,
     )
     if options.ray_min_rows is not None:
         from pipelines.distributed import RayExecutor
@@ -198,7 +199,7 @@ def build_report(
         importance=ImportanceSummary(task.importance_mode, task.batch_size, prepared.store_meta,
                                      _ray_runs(task.executor, "importance")),
         data={"spec": data_spec, "fingerprint": prepared.dataset.fingerprint},
-        seed=task.seed, removed_before=removed_before,
+        seed=task.seed, removed_before=removed_before, inference_precision=task.inference_precision,
         parent_fingerprint=model_meta(task.model).get("parent_fingerprint"),
         passes_on_ray=_ray_runs(task.executor, "outcomes"),
         method_on_ray=(_ray_runs(task.executor, "method") or [None])[-1],

@@ -256,7 +256,7 @@ def search_executor(task: UnlearningTask):
     return task.executor
 
 
-def _tpe_trial(config, model, full, forget, forget_split, retain_split, normalize, target):
+def _tpe_trial(config, model, full, forget, forget_split, retain_split, normalize, target, precision):
     import copy
 
     from ray import tune
@@ -267,8 +267,8 @@ def _tpe_trial(config, model, full, forget, forget_split, retain_split, normaliz
     torch.set_num_threads(1)
     dampened = copy.deepcopy(model).to(trial_device())
     dampen_(dampened, full, forget, config["alpha"], config["lam"])
-    forget_acc = accuracy(dampened, forget_split, normalize)
-    retain_acc = accuracy(dampened, retain_split, normalize)
+    forget_acc = accuracy(dampened, forget_split, normalize, precision)
+    retain_acc = accuracy(dampened, retain_split, normalize, precision)
     # best retained accuracy subject to forget accuracy <= target; infeasible trials rank below
     score = retain_acc if forget_acc <= target else -forget_acc
     tune.report({"forget_acc": forget_acc, "retain_acc": retain_acc, "score": score, "feasible": forget_acc <= target})
@@ -285,6 +285,7 @@ def tpe_search(task: UnlearningTask, config: SearchConfig, target: float) -> tup
     trainable = tune.with_parameters(
         _tpe_trial, model=cpu_model(task.model), full=full, forget=forget, forget_split=task.forget_split,
         retain_split=task.retain_sample(config.retain_sample, config.seed), normalize=task.normalize, target=target,
+        precision=task.inference_precision,
     )
     space = {"alpha": tune.loguniform(*config.alpha), "lam": tune.uniform(*config.lam)}
     tune_config = tune.TuneConfig(

@@ -198,6 +198,7 @@ def flat_params(report: RequestReport) -> dict:
         "forget_manifest_hash": forget.manifest_hash,
         "forget_fraction": forget.forget_fraction,
         "seed": report.seed,
+        "inference_precision": report.inference_precision,
         "data_fingerprint": report.data["fingerprint"],
         "target": report.target,
         **report.params,

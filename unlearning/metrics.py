@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from unlearning.data import Split
 from unlearning.heap import rows_per_forward
 from unlearning.models import logits_of
+from unlearning.training import autocast_for
 
 # rows decoded per batch of an outcome pass; each forward takes at most this many, fewer where the
 # model's activations would exceed what glibc keeps in its heaps (heap.rows_per_forward)
@@ -21,7 +22,8 @@ EVAL_BATCH = 256
 
 @torch.no_grad()
 def predict_logits(
-    model: nn.Module, split: Split, normalize: dict | None = None, batch_size: int = EVAL_BATCH
+    model: nn.Module, split: Split, normalize: dict | None = None, batch_size: int = EVAL_BATCH,
+    precision: str = "fp32",
 ) -> Tensor:
     was_training = model.training
     model.eval()
@@ -32,7 +34,9 @@ def predict_logits(
         for inputs, _ in split.batches(batch_size, normalize=normalize):
             inputs = inputs.to(device)
             size = size or rows_per_forward(model, inputs, batch_size)
-            outputs.extend(logits_of(model(part)).float().cpu() for part in inputs.split(size))
+            for part in inputs.split(size):
+                with autocast_for(precision, device):
+                    outputs.append(logits_of(model(part)).float().cpu())
     finally:
         model.train(was_training)
     if not outputs:
@@ -51,8 +55,8 @@ def accuracy_from_logits(logits: Tensor, labels: Tensor) -> float:
     return accuracy_of(logits.argmax(dim=1), labels)
 
 
-def accuracy(model: nn.Module, split: Split, normalize: dict | None = None) -> float:
-    return accuracy_from_logits(predict_logits(model, split, normalize), split.labels)
+def accuracy(model: nn.Module, split: Split, normalize: dict | None = None, precision: str = "fp32") -> float:
+    return accuracy_from_logits(predict_logits(model, split, normalize, precision=precision), split.labels)
 
 
 def per_class_accuracy(predictions: Tensor, labels: Tensor, num_classes: int) -> list[float]:

@@ -10,6 +10,10 @@ An executor runs them. `LocalExecutor` runs them in this process, rows streamed 
 time from where they live; `pipelines.distributed.RayExecutor` runs the same functions on Ray
 workers for large splits. Both give the same numbers, so a request's answer does not depend on
 where it ran (docs/implementation-notes.md, "One code path, two executors").
+
+Outcome passes run in the request's inference precision: float32 by default, or bfloat16
+autocast (`precision="bf16"`, ~2x faster for convolutions on CPUs with BF16 units and on GPUs);
+importance passes are float32 always (docs/implementation-notes.md, "Inference precision").
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from unlearning.heap import rows_per_forward
 from unlearning.importance import ImportanceSums, compute_importance_sums
 from unlearning.metrics import EVAL_BATCH, accuracy_of, entropy
 from unlearning.models import logits_of
+from unlearning.training import PRECISIONS, autocast_for
 
 LOCAL_CACHE_BYTES = 256 << 20  # decoded rows of small splits kept between passes, per process
 
@@ -62,8 +67,10 @@ def outcomes_of_logits(logits: Tensor) -> Outcomes:
 
 
 @torch.no_grad()
-def predict_outcomes(models: Sequence[nn.Module], batches: Iterable[tuple[Tensor, Tensor]], device=None) -> list[Outcomes]:
-    """Each model's `Outcomes` over `batches` (eval mode; training flags restored)."""
+def predict_outcomes(models: Sequence[nn.Module], batches: Iterable[tuple[Tensor, Tensor]], device=None,
+                     precision: str = "fp32") -> list[Outcomes]:
+    """Each model's `Outcomes` over `batches` (eval mode; training flags restored), its forward
+    passes in `precision` (`PRECISIONS`); entropies are computed from float32 logits either way."""
     flags = [m.training for m in models]
     for model in models:
         model.eval()
@@ -76,11 +83,20 @@ def predict_outcomes(models: Sequence[nn.Module], batches: Iterable[tuple[Tensor
                 if i not in sizes and len(rows):
                     sizes[i] = rows_per_forward(model, rows, EVAL_BATCH)
                 for part in rows.split(sizes.get(i, EVAL_BATCH)):
-                    found.append(outcomes_of_logits(logits_of(model(part))))
+                    with autocast_for(precision, rows.device):
+                        logits = logits_of(model(part))
+                    found.append(outcomes_of_logits(logits))
     finally:
         for model, flag in zip(models, flags):
             model.train(flag)
     return [Outcomes.concat(found) for found in parts]
+
+
+def check_precision(precision: str) -> str:
+    """`precision` if it is an inference precision, else a ValueError naming the choices."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    return precision
 
 
 class LocalExecutor:
@@ -89,15 +105,18 @@ class LocalExecutor:
     The decoded rows of a split kept in files are cached between passes while they fit in
     `cache_bytes` (a search evaluates the forget set once per step); larger splits are read
     again each time, so this process never holds more than that many bytes of rows.
+    Outcome passes run in `precision` (module docstring).
     """
 
-    def __init__(self, device: str | torch.device = "cpu", cache_bytes: int = LOCAL_CACHE_BYTES):
+    def __init__(self, device: str | torch.device = "cpu", cache_bytes: int = LOCAL_CACHE_BYTES,
+                 precision: str = "fp32"):
         self.device = torch.device(device)
         self.cache_bytes = cache_bytes
+        self.precision = check_precision(precision)
         self._cached: dict[int, tuple] = {}  # id(inputs) -> (split, batches, normalize, bytes)
 
     def outcomes(self, models: Sequence[nn.Module], split: Split, normalize: dict | None) -> list[Outcomes]:
-        return predict_outcomes(models, self._eval_batches(split, normalize), self.device)
+        return predict_outcomes(models, self._eval_batches(split, normalize), self.device, self.precision)
 
     def importance(self, model: nn.Module, split: Split, kind: str, mode: str, batch_size: int,
                    normalize: dict | None, shuffle: bool = False, seed: int = 0) -> ImportanceSums:

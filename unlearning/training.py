@@ -108,7 +108,12 @@ def make_optimizer(model: nn.Module, config: TrainConfig, steps: int):
 def autocast(config: TrainConfig, device: torch.device | str):
     """bfloat16 autocast when the recipe asks for it (CPUs with AMX/AVX-512 BF16 and GPUs run
     convolutions 2-3x faster); the weights and the optimiser stay in float32."""
-    if config.precision == "bf16":
+    return autocast_for(config.precision, device)
+
+
+def autocast_for(precision: str, device: torch.device | str):
+    """The autocast context of `precision` ("fp32": none) on `device`'s type."""
+    if precision == "bf16":
         return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

@@ -72,6 +72,7 @@ def task_settings(scale: Scale, batch_size: int) -> dict:
         "shuffle_batches": False,  # the reference runs' unshuffled loader
         "seed": 0,
         "device": scale.device,
+        "inference_precision": scale.inference_precision,
     }
 
 

@@ -26,10 +26,12 @@ KEEP_BYTES = 512 << 20  # decoded rows an evaluator keeps between passes
 
 
 class RowEvaluator:
-    """One evaluator actor: its share of a split's rows in, each model's outcomes out."""
+    """One evaluator actor: its share of a split's rows in, each model's outcomes out, predicted
+    in the request's inference precision."""
 
-    def __init__(self, threads: int):
+    def __init__(self, threads: int, precision: str = "fp32"):
         torch.set_num_threads(threads)
+        self.precision = precision
         keep_freed_memory()  # a pass's blocks are reused, not faulted in again at every batch
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.kept: dict[str, list[tuple[np.ndarray, Stored]]] = {}  # (split rows, their inputs)
@@ -120,7 +122,7 @@ class RowEvaluator:
         index = np.concatenate([b[0] for b in blocks]) if blocks else np.empty(0, dtype=np.int64)
         batches = ((inputs[start : start + EVAL_BATCH], None) for inputs in _tensors(blocks)
                    for start in range(0, len(inputs), EVAL_BATCH))
-        return index, predict_outcomes(models, batches, self.device)
+        return index, predict_outcomes(models, batches, self.device, self.precision)
 
     @staticmethod
     def _join(parts, n_models: int) -> tuple[np.ndarray, list[Outcomes]]:

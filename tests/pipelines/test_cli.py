@@ -68,6 +68,28 @@ def test_fixed_alpha_lambda_method_with_zrf(tmp_path, capsys, digits_checkpoint)
     assert "ZRF" in out
 
 
+def test_a_bf16_request_predicts_in_bf16_and_says_so(tmp_path, capsys, digits_checkpoint):
+    """Every accuracy of the report comes from bf16 outcome passes, recorded in report.json and MLflow."""
+    from mlflow import MlflowClient
+
+    from unlearning.data import split_forget
+    from unlearning.passes import LocalExecutor
+
+    code, _, err = run(capsys, "forget", "--model", digits_checkpoint, "--data", "digits", "--forget", "class:2",
+                       "--inference-precision", "bf16", "--out", tmp_path / "run")
+    assert code == 0, err
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["inference_precision"] == "bf16"
+    model = unlearning.load_model(tmp_path / "run")
+    dataset = unlearning.load_dataset("digits")
+    _, forget = split_forget(dataset, unlearning.parse_forget("class:2", dataset))
+    normalize = model_meta(model)["normalize"]
+    [bf16] = LocalExecutor(precision="bf16").outcomes([model], forget, normalize)
+    assert report["metrics"]["forget_acc"] == bf16.accuracy(forget.labels)
+    run_id = report["mlflow"]["run_id"]
+    assert MlflowClient().get_run(run_id).data.params["inference_precision"] == "bf16"
+
+
 @pytest.mark.parametrize(
     "extra,message",
     [
@@ -78,6 +100,8 @@ def test_fixed_alpha_lambda_method_with_zrf(tmp_path, capsys, digits_checkpoint)
         (["--forget", "class:1", "--method", "nope"], "unknown method 'nope'"),
         (["--forget", "class:1", "--workers", "0"], "--workers must be at least 1, got 0"),
         (["--forget", "class:1", "--ray-min-rows", "-5"], "--ray-min-rows must be 0 or more, got -5"),
+        (["--forget", "class:1", "--inference-precision", "fp16"],
+         "argument --inference-precision: invalid choice: 'fp16'"),
     ],
 )
 def test_bad_requests_fail_with_one_line_and_write_nothing(tmp_path, capsys, digits_checkpoint, extra, message):

@@ -89,13 +89,15 @@ def test_two_requests_in_a_row_give_a_lineage_of_two_versions(tmp_path, capsys, 
     assert f"version 3 removed: {' '.join(second_ids)}" in text
 
 
-@pytest.mark.parametrize("spec, ray_min_rows, start_divisor", [
-    ("class:5", 0, 25.0), ("random:40", 10_000, 25.0), ("class:5", 10_000, 0.2)])
-def test_parallel_ptn_equals_the_sequential_loop(digits_checkpoint, spec, ray_min_rows, start_divisor):
+@pytest.mark.parametrize("spec, ray_min_rows, start_divisor, precision", [
+    ("class:5", 0, 25.0, "fp32"), ("random:40", 10_000, 25.0, "fp32"), ("class:5", 10_000, 0.2, "fp32"),
+    ("class:5", 0, 25.0, "bf16")])
+def test_parallel_ptn_equals_the_sequential_loop(digits_checkpoint, spec, ray_min_rows, start_divisor, precision):
     """D_f read through Ray Data and evened out across the actors (class:5), or decoded here;
     a start that already forgets (start_divisor 0.2: s_0 five times D_f's share; at 1 the
-    digits model trained on this machine did not forget) walks back the same way on both."""
-    options = ForgetOptions(track=False, device="cpu", ray_min_rows=ray_min_rows)
+    digits model trained on this machine did not forget) walks back the same way on both; the
+    actors predict in the request's inference precision (bf16), as this process does."""
+    options = ForgetOptions(track=False, device="cpu", ray_min_rows=ray_min_rows, inference_precision=precision)
     prepared = prepare_request(str(digits_checkpoint), "digits", spec, options)
     config = SearchConfig(chunk_size=3, parallel=2, start_divisor=start_divisor)
     trials = assert_parallel_ptn_is_the_sequential_walk(prepared.task, config)

@@ -45,12 +45,13 @@ class UnlearningTask:
     # Where passes over rows run (unlearning.passes): in this process by default, or on a Ray
     # cluster for large splits (pipelines.distributed.RayExecutor).
     executor: LocalExecutor | None = None
+    inference_precision: str = "fp32"  # outcome passes' precision: "fp32" or "bf16" (unlearning.passes)
     cache: dict = field(default_factory=dict)
     importance_seconds: float = 0.0  # time spent computing importances (reported apart)
 
     def __post_init__(self):
         if self.executor is None:
-            self.executor = LocalExecutor(self.device)
+            self.executor = LocalExecutor(self.device, precision=self.inference_precision)
 
     @property
     def forget_fraction(self) -> float:
