@@ -31,7 +31,7 @@ from unlearning.heap import rows_per_forward
 from unlearning.importance import ImportanceSums, compute_importance_sums
 from unlearning.metrics import EVAL_BATCH, accuracy_of, entropy
 from unlearning.models import logits_of
-from unlearning.training import PRECISIONS, autocast_for
+from unlearning.training import autocast_for, check_precision
 
 LOCAL_CACHE_BYTES = 256 << 20  # decoded rows of small splits kept between passes, per process
 
@@ -90,13 +90,6 @@ def predict_outcomes(models: Sequence[nn.Module], batches: Iterable[tuple[Tensor
         for model, flag in zip(models, flags):
             model.train(flag)
     return [Outcomes.concat(found) for found in parts]
-
-
-def check_precision(precision: str) -> str:
-    """`precision` if it is an inference precision, else a ValueError naming the choices."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
-    return precision
 
 
 class LocalExecutor:

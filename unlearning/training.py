@@ -33,8 +33,7 @@ class TrainConfig:
     channels_last: bool = False  # NHWC memory layout for convolutions while training
 
     def __post_init__(self):
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
+        check_precision(self.precision)
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), not {self.label_smoothing}")
 
@@ -49,6 +48,13 @@ class TrainConfig:
 
 
 PRECISIONS = ("fp32", "bf16")
+
+
+def check_precision(precision: str) -> str:
+    """`precision` if it is one of `PRECISIONS`, else a ValueError naming the choices."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    return precision
 LATER_FIELDS = ("label_smoothing", "precision", "channels_last")
 
 
