@@ -100,8 +100,6 @@ def test_a_bf16_request_predicts_in_bf16_and_says_so(tmp_path, capsys, digits_ch
         (["--forget", "class:1", "--method", "nope"], "unknown method 'nope'"),
         (["--forget", "class:1", "--workers", "0"], "--workers must be at least 1, got 0"),
         (["--forget", "class:1", "--ray-min-rows", "-5"], "--ray-min-rows must be 0 or more, got -5"),
-        (["--forget", "class:1", "--inference-precision", "fp16"],
-         "argument --inference-precision: invalid choice: 'fp16'"),
     ],
 )
 def test_bad_requests_fail_with_one_line_and_write_nothing(tmp_path, capsys, digits_checkpoint, extra, message):
@@ -111,6 +109,16 @@ def test_bad_requests_fail_with_one_line_and_write_nothing(tmp_path, capsys, dig
     assert len(lines) == 1 and message in lines[0]
     assert not (tmp_path / "run").exists()
     assert [p.name for p in tmp_path.iterdir()] == []
+
+
+def test_an_unknown_inference_precision_is_one_line_from_argparse(tmp_path, capsys, digits_checkpoint):
+    with pytest.raises(SystemExit) as stopped:
+        main(["--quiet", "forget", "--model", str(digits_checkpoint), "--data", "digits", "--forget", "class:1",
+              "--inference-precision", "fp16", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stopped.value.code == 2 and len(err) == 1
+    assert "argument --inference-precision: invalid choice: 'fp16'" in err[0]
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_empty_and_foreign_id_files(tmp_path, capsys, digits_checkpoint):
