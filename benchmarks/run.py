@@ -38,6 +38,7 @@ from benchmarks.tables import table
 from pipelines.options import parse_param
 from pipelines.ray_session import available_cpus
 from unlearning.search import PTNConfig
+from unlearning.training import PRECISIONS
 
 PTN = PTNConfig()
 
@@ -102,10 +103,10 @@ def add_scale_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=None, help="default 0.2 (quick 0.05)")
     parser.add_argument("--no-augment", action="store_true")
     parser.add_argument("--label-smoothing", type=float, default=0.0, help="original model's recipe")
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS,
                         help="original model's (and retrain's) training precision; bf16 autocast")
     parser.add_argument("--channels-last", action="store_true", help="NHWC layout while training")
-    parser.add_argument("--inference-precision", default="fp32", choices=["fp32", "bf16"],
+    parser.add_argument("--inference-precision", default="fp32", choices=PRECISIONS,
                         help="the requests' forward passes while they search (each method's own outcome "
                              "passes); the tables' metrics are fp32 always")
     parser.add_argument("--train-rows", type=int, default=None, help="use the first N training rows")

@@ -81,7 +81,8 @@ class RayExecutor:
         cluster = ensure_ray()
         use_gpu, resources, threads = worker_resources(cluster, 1, cuda_on_gpu_nodes(cluster))
         started = time.monotonic()
-        shipped = dataclasses.replace(task, model=cpu_model(task.model), executor=LocalExecutor("cpu", precision=self.local.precision), progress=None)
+        shipped = dataclasses.replace(task, model=cpu_model(task.model), progress=None,
+                                      executor=LocalExecutor("cpu", precision=self.precision))
         remote = ray.remote(_run_method_here).options(
             num_cpus=resources.get("CPU", 0), num_gpus=resources.get("GPU", 0), max_retries=0)
         try:
@@ -149,7 +150,7 @@ class RayExecutor:
             _, resources, threads = worker_resources({"CPU": cluster.get("CPU", 1)}, count, False)
             options = {"num_cpus": resources["CPU"]}
         actor = ray.remote(RowEvaluator).options(**options)
-        pool = [actor.remote(threads, self.local.precision) for _ in range(count)]
+        pool = [actor.remote(threads, self.precision) for _ in range(count)]
         ray.get([a.ready.remote() for a in pool])
         self._seen.clear()
         return pool
@@ -176,8 +177,8 @@ def _run_method_here(task, method: str, params: dict, threads: int, use_gpu: boo
 
     torch.set_num_threads(threads)
     device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-    precision = task.executor.precision
-    task.device, task.model, task.executor = device, task.model.to(device), LocalExecutor(device, precision=precision)
+    executor = LocalExecutor(device, precision=task.executor.precision)
+    task.device, task.model, task.executor = device, task.model.to(device), executor
     output = unlearning.run_method(method, task, **params)
     output.model = cpu_model(output.model)
     return output, device
