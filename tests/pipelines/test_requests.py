@@ -90,8 +90,7 @@ def test_two_requests_in_a_row_give_a_lineage_of_two_versions(tmp_path, capsys, 
 
 
 @pytest.mark.parametrize("spec, ray_min_rows, start_divisor, precision", [
-    ("class:5", 0, 25.0, "fp32"), ("random:40", 10_000, 25.0, "fp32"), ("class:5", 10_000, 0.2, "fp32"),
-    ("class:5", 0, 25.0, "bf16")])
+    ("class:5", 0, 25.0, "bf16"), ("random:40", 10_000, 25.0, "fp32"), ("class:5", 10_000, 0.2, "fp32")])
 def test_parallel_ptn_equals_the_sequential_loop(digits_checkpoint, spec, ray_min_rows, start_divisor, precision):
     """D_f read through Ray Data and evened out across the actors (class:5), or decoded here;
     a start that already forgets (start_divisor 0.2: s_0 five times D_f's share; at 1 the
