@@ -55,6 +55,8 @@ def check_precision(precision: str) -> str:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     return precision
+
+
 LATER_FIELDS = ("label_smoothing", "precision", "channels_last")
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from mlflow import MlflowClient
 
 import unlearning
 from pipelines.cli import main
+from tests.pipelines.process_groups import stop_group
 
 MODEL = "digits-served"
 CURRENT = f"models:/{MODEL}@current"
@@ -196,12 +196,7 @@ def test_mlflow_models_serve_answers_an_http_request_on_loopback(store, digits):
         with urllib.request.urlopen(request, timeout=60) as answer:
             predictions = np.array(json.loads(answer.read())["predictions"], dtype=np.float32)
     finally:
-        os.killpg(server.pid, signal.SIGTERM)  # the server and the uvicorn worker it started
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        stop_group(server, 30)  # the server and the uvicorn worker it started
     assert predictions.shape == tuple(expected.shape)
     np.testing.assert_allclose(predictions, expected.numpy(), rtol=0, atol=1e-5)
     assert np.array_equal(predictions.argmax(1), expected.argmax(1).numpy())

@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from tests.pipelines.process_groups import group_gone, stop_group
+
 BIN = Path(sys.executable).parent
 
 pytestmark = pytest.mark.ray
@@ -60,24 +62,11 @@ def ray_head(tmp_path_factory):
 
 def stop_head(head: subprocess.Popen) -> None:
     """SIGINT: `ray start --block` stops the processes it started. After jobs ran that shutdown
-    has hung for minutes (120 s in a CI run), so what is left of the head's own process group
-    (raylet, GCS, dashboard, workers: start_new_session) then gets SIGTERM, as `ray stop`
-    sends, and last SIGKILL. Nothing outside that group is touched."""
+    has hung for minutes (120 s in a CI run), so after 15 s what is left of the head's own
+    process group (raylet, GCS, dashboard, workers) is stopped as a group."""
     head.send_signal(signal.SIGINT)
-    for sig, grace in ((None, 15), (signal.SIGTERM, 10), (signal.SIGKILL, 10)):
-        if sig is not None:
-            try:
-                os.killpg(head.pid, sig)
-            except ProcessLookupError:
-                return
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline:
-            head.poll()  # reaps the head: a zombie would still count as a member of its group
-            try:
-                os.killpg(head.pid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.5)
+    if not group_gone(head, 15):
+        stop_group(head, 10)
 
 
 def wait_for_dashboard(head: subprocess.Popen, port: int, timeout: float = 180) -> None:
