@@ -15,6 +15,7 @@ import torch
 
 import unlearning
 from benchmarks.common import CACHE, Scale, log
+from benchmarks.outcome_cache import OriginalOutcomes
 from pipelines.request import build_task, run_method_timed
 from unlearning.checkpoint import all_finite, model_meta
 from unlearning.errors import UserError
@@ -163,6 +164,7 @@ class Bench:
     importances: dict = field(default_factory=dict)
     importance_seconds: dict = field(default_factory=dict)
     references: object = None  # unlearning.mia.References, when the suite runs the calibrated test
+    original_outcomes: OriginalOutcomes | None = None  # the original's passes, cached on disk
 
     @classmethod
     def build(cls, model, dataset, scale: Scale, methods: list[str], batch_size: int) -> Bench:
@@ -172,6 +174,12 @@ class Bench:
             imp, seconds = full_importance(model, dataset, scale, kind, batch_size)
             bench.importances[kind], bench.importance_seconds[kind] = imp, seconds
         return bench
+
+    def original_executor(self) -> OriginalOutcomes:
+        """Evaluates the original from its stored outcome passes (benchmarks/outcome_cache.py)."""
+        if self.original_outcomes is None:
+            self.original_outcomes = OriginalOutcomes(self.model, self.dataset, CACHE / "outcomes", self.scale.device)
+        return self.original_outcomes
 
     def task(self, forget, kind: str | None = None):
         """A task seeded with the stored I^D of `kind` (so I^{D_r} is derived), or with none."""
@@ -188,7 +196,7 @@ class Bench:
 def run_request(bench: Bench, forget, tag: str) -> tuple[dict, list]:
     """The original model's metrics and one row per method on one request."""
     normalize = model_meta(bench.model)["normalize"]
-    original = evaluate_model(bench.model, bench.dataset, forget, normalize)
+    original = evaluate_model(bench.model, bench.dataset, forget, normalize, executor=bench.original_executor())
     original.pop("per_class_test_acc", None)
     if bench.references is not None:
         original.update(calibrated_mia([bench.model], bench.references, bench.dataset, forget, normalize)[0])
