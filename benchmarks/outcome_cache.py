@@ -5,7 +5,7 @@ before its methods run; only the grouping into D_f, D_r and the forgotten classe
 ResNet-18 each of those fp32 passes takes ~5.5 minutes on this machine, a quarter of a
 fullclass request. `OriginalOutcomes` keeps each pass's predictions and entropies under
 benchmarks/cache/outcomes, keyed by the weights, the data, the normalisation and the device
-kind (safetensors, written through a temporary sibling and a rename), and serves them to
+kind (safetensors, written as every output is: `unlearning.outputs`), and serves them to
 `unlearning.evaluation`; every other pass (the methods' models, a poison task's triggered test
 images, subsets) runs as usual.
 """
@@ -14,16 +14,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from unlearning.checkpoint import model_fingerprint
 from unlearning.data import Dataset, Split
+from unlearning.outputs import OutputExists, atomic_write_bytes
 from unlearning.passes import LocalExecutor, Outcomes
 
 
@@ -34,8 +34,7 @@ class OriginalOutcomes:
     def __init__(self, model: nn.Module, dataset: Dataset, directory: Path, device: str = "cpu"):
         self.model, self.dataset, self.directory = model, dataset, Path(directory)
         self.local = LocalExecutor(device)  # fp32, as the methods' rows are measured
-        self.device = torch.device(device).type
-        self.key = f"{model_fingerprint(model)}-{dataset.fingerprint}-fp32-{self.device}"
+        self.key = f"{model_fingerprint(model)}-{dataset.fingerprint}-fp32-{torch.device(device).type}"
         self.passes_run = 0  # outcome passes this executor ran rather than read
 
     def outcomes(self, models, split: Split, normalize: dict | None) -> list[Outcomes]:
@@ -65,11 +64,9 @@ def _read(path: Path, rows: int) -> Outcomes | None:
 
 
 def _write(path: Path, found: Outcomes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    data = save({"pred": found.pred.contiguous(), "entropy": found.entropy.contiguous()})
+    path.unlink(missing_ok=True)  # an unreadable or short copy: a derived cache may be replaced
     try:
-        save_file({"pred": found.pred.contiguous(), "entropy": found.entropy.contiguous()}, staging)
-        os.replace(staging, path)  # a derived cache: a newer copy of the same passes may replace it
-    finally:
-        staging.unlink(missing_ok=True)
-
+        atomic_write_bytes(path, data)
+    except OutputExists:
+        pass  # another process stored the same passes meanwhile

@@ -91,6 +91,11 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a UTF-8 file via a temporary sibling and a rename; refuses to replace an existing file."""
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write a file via a temporary sibling and a rename; refuses to replace an existing file."""
     path = Path(path)
     if path.exists():
@@ -99,8 +104,8 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     remove_dead_owners(path.parent, staging_prefix(path.name))
     handle, staging = tempfile.mkstemp(prefix=owned(staging_prefix(path.name)), dir=path.parent)
     try:
-        with os.fdopen(handle, "w") as file:
-            file.write(text)
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
         os.rename(staging, path)
     except BaseException:
         Path(staging).unlink(missing_ok=True)
