@@ -74,6 +74,10 @@ def plot_search_path(curve: list[dict], target: float | None, path: Path) -> Non
     fig, ax = _figure(6.4, 3.6)
     steps = [c["index"] for c in curve]
     ax.plot(steps, [100 * c["forget_acc"] for c in curve], marker="o", ms=3, label="forget-set accuracy")
+    stopped = [c for c in curve if c.get("stopped_early")]
+    if stopped:  # a pass that stopped once past every target: its accuracy is at least this
+        ax.plot([c["index"] for c in stopped], [100 * c["forget_acc"] for c in stopped], ls="none", marker="^",
+                ms=5, mfc="white", color="tab:blue", label="at least (pass stopped past the target)")
     ax.plot(steps, [100 * c["retain_acc"] for c in curve], marker="s", ms=3, label=f"retained accuracy (sample of {RETAIN_SAMPLE})")
     if target is not None:
         ax.axhline(100 * target, color="grey", ls="--", lw=1, label=f"target ({100 * target:.1f}%)")

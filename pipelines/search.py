@@ -13,7 +13,8 @@ here, as the in-process walk would, and each actor is sent its shard. The
 walk goes in lockstep: every actor evaluates the steps `unlearning.search.PTNWalk` asks for
 (`chunk_size` consecutive forward steps, default one; one step at a time when walking back) on
 its shard, and the driver adds up the rows each got right, so a step's forget accuracy is
-exactly the one over the whole of D_f. The walk then takes its next decision from these
+exactly the one over the whole of D_f (or, once an actor's own shard is past every target, a
+lower bound: unlearning.settling). The walk then takes its next decision from these
 accuracies exactly as the in-process loop does: the same steps, the same answer.
 """
 
@@ -39,8 +40,10 @@ from unlearning.search import (
     PTNWalk,
     SearchResult,
     Step,
+    path_entry,
     ptn_search,
 )
+from unlearning.settling import AtLeast, rows_allowed
 
 PTN_METRIC = "forget_acc"
 
@@ -65,6 +68,7 @@ class SearchConfig:
     chunk_size: int = PTN_DEFAULTS.chunk_size
     max_retain_drop: float = PTN_DEFAULTS.max_retain_drop  # ptn: the answer's ceiling on retained damage
     relax_after_drop: float = PTN_DEFAULTS.relax_after_drop  # ptn: a rho target's answer dearer than this takes slack
+    settle_early: bool = PTN_DEFAULTS.settle_early  # ptn: a missed step's pass stops once past every target
     # tpe
     num_samples: int = 50
     alpha: list = field(default_factory=lambda: [0.1, 100.0])  # log-uniform range
@@ -76,7 +80,7 @@ class SearchConfig:
         return PTNConfig(
             growth=self.growth, max_steps=self.max_steps, start_divisor=self.start_divisor, chunk_size=self.chunk_size,
             walk_back=self.walk_back, refine=self.refine, max_retain_drop=self.max_retain_drop,
-            relax_after_drop=self.relax_after_drop,
+            relax_after_drop=self.relax_after_drop, settle_early=self.settle_early,
         )
 
 
@@ -107,7 +111,7 @@ def load_search_config(path: str | Path) -> SearchConfig:
     if unknown:
         raise UserError(f"search config {path}: unknown setting {unknown[0]!r} (known: {', '.join(sorted(known))})")
     config = SearchConfig(**data)
-    for key in ("walk_back", "refine"):
+    for key in ("walk_back", "refine", "settle_early"):
         if not isinstance(getattr(config, key), bool):
             raise UserError(f"search config {path}: {key} must be true or false, got {getattr(config, key)!r}")
     if config.search not in ("ptn", "tpe"):
@@ -200,19 +204,24 @@ def parallel_ptn(
     # nested references: each actor fetches them once per search, not at every call
     state = [ray.put(cpu_model(task.model)), ray.put((full, forget)), ray.put(split.labels.numpy())]
     trials = []
+    walk_config = config.walk()
+    # a pass past every target settles its step: each actor stops once its shard alone is past D_f's budget
+    allowed = rows_allowed(max(targets), len(split)) if walk_config.settle_early else None
 
     def evaluate(steps: list[Step]) -> list[float]:
-        answers = ray.get([actor.walk.remote(key, state, steps) for actor in pool])
-        accuracies = [sum(answer[i][1] for answer in answers) / sum(answer[i][2] for answer in answers)
-                      for i in range(len(steps))]
+        answers = ray.get([actor.walk.remote(key, state, steps, allowed) for actor in pool])
+        accuracies = []
+        for i in range(len(steps)):
+            right, rows = sum(answer[i][1] for answer in answers), sum(answer[i][2] for answer in answers)
+            stopped = any(answer[i][3] < answer[i][2] for answer in answers)  # an actor left rows unread
+            accuracies.append(AtLeast(right / rows) if stopped else right / rows)
         for step, acc in zip(steps, accuracies):
-            trials.append({"name": f"step {step.index} lambda {step.lam:g}", "metrics": {PTN_METRIC: acc},
+            trials.append({"name": f"step {step.index} lambda {step.lam:g}", "metrics": {PTN_METRIC: float(acc)},
                            "params": {"alpha": step.alpha, "lambda": step.lam, "step": step.index}})
             if progress is not None:
                 progress({"step": step.index, "alpha": step.alpha, "lam": step.lam, PTN_METRIC: acc})
         return accuracies
 
-    walk_config = config.walk()
     retain_accuracy = task.retained_scorer(full, forget, walk_config.retain_sample)
     sample = task.retain_sample(walk_config.retain_sample)
 
@@ -316,7 +325,7 @@ def run_search(task: UnlearningTask, config: SearchConfig, progress=None) -> tup
         alpha, lam = chosen.alpha, chosen.lam
         details = {
             "reached": result.reached,
-            "path": [{**step.to_dict(), "forget_acc": acc} for step, acc in result.path],
+            "path": [path_entry(step, acc) for step, acc in result.path],
             "evaluated_steps": len(trials),
             **refinement,
         }

@@ -373,7 +373,8 @@ def _data_source(spec: str):
         return resolve_dataset_source(base.resolve().as_uri())
 
 
-WALK_KEYS = {"forget_acc": "forget_acc", "alpha": "alpha", "lam": "lambda", "s": "s", "percentile": "percentile"}
+WALK_KEYS = {"forget_acc": "forget_acc", "alpha": "alpha", "lam": "lambda", "s": "s", "percentile": "percentile",
+             "stopped_early": "stopped_early"}  # 1 where forget_acc is a lower bound (unlearning.search.AtLeast)
 
 
 def _log_walk(client, run_id: str, path: list[dict]) -> None:

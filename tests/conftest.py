@@ -202,28 +202,45 @@ def parquet_checkpoint(tmp_path_factory):
     return path
 
 
-def assert_parallel_ptn_is_the_sequential_walk(task, config) -> list:
+def assert_same_walk(path: list[dict], reference: list[dict], target: float) -> None:
+    """Two walks' path entries (unlearning.search.path_entry): the same steps with the same
+    verdicts, and the same accuracy wherever both passes read all of D_f. A pass that stopped
+    early (each executor stops at its own row) must be past the target."""
+    assert [{k: v for k, v in e.items() if k not in ("forget_acc", "stopped_early")} for e in path] == [
+        {k: v for k, v in e.items() if k not in ("forget_acc", "stopped_early")} for e in reference]
+    for entry, other in zip(path, reference):
+        assert (entry["forget_acc"] <= target) == (other["forget_acc"] <= target)
+        if entry.get("stopped_early") or other.get("stopped_early"):
+            assert min(entry["forget_acc"], other["forget_acc"]) > target
+        else:
+            assert entry["forget_acc"] == other["forget_acc"]
+
+
+def assert_parallel_ptn_is_the_sequential_walk(task, config) -> tuple[list, object]:
     """The parallel PTN search on Ray (walk and refinement) reaches the in-process answer by the
-    same path."""
+    same path: (its trials, its walk's result)."""
     from pipelines.search import parallel_ptn
-    from unlearning.search import PTNWalk, dampened_copy, ptn_search
+    from unlearning.search import PTNWalk, dampened_copy, path_entry, ptn_search
 
     target = task.search_target(config.target, config.rho)
     full, forget = task.importance("full", "fisher"), task.importance("forget", "fisher")
     walk = PTNWalk(full, forget, task.forget_fraction, target, config.walk())
     sample = task.retain_sample(walk.config.retain_sample)
+    ceiling = target if config.settle_early else None
     sequential, chosen, details = ptn_search(
-        walk, lambda steps: [task.forget_accuracy(dampened_copy(task.model, full, forget, s)) for s in steps],
+        walk, lambda steps: [task.forget_accuracy(dampened_copy(task.model, full, forget, s), ceiling) for s in steps],
         lambda step: task.accuracy(dampened_copy(task.model, full, forget, step), sample),
     )
     used, parallel, parallel_chosen, parallel_details, trials = parallel_ptn(task, config, [target])
     assert sequential.reached and parallel.step == sequential.step and parallel_chosen == chosen
-    assert [(s.index, acc) for s, acc in parallel.path] == [(s.index, acc) for s, acc in sequential.path]
+    assert_same_walk([path_entry(*pair) for pair in parallel.path], [path_entry(*pair) for pair in sequential.path],
+                     target)
     assert used == target and parallel_details.pop("slack")["tried"][0]["target"] == target
     before, after = parallel_details.pop("retain_sample_acc_before"), parallel_details.pop("retain_sample_acc")
     assert before - after <= config.max_retain_drop  # the ceiling's scores, checked in the search
-    assert parallel_details == details
+    assert_same_walk(parallel_details.pop("refinement"), details["refinement"], target)
+    assert parallel_details == {key: value for key, value in details.items() if key != "refinement"}
     assert len(details["candidates"]) >= 2 if sequential.step.s is not None else details["candidates"] == []
     evaluated = len(sequential.path) + len(details["refinement"])
     assert evaluated <= len(trials) < evaluated + config.chunk_size  # no step past the answer's chunk
-    return trials
+    return trials, parallel

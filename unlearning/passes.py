@@ -34,6 +34,7 @@ from unlearning.models import logits_of
 from unlearning.training import autocast_for, check_precision
 
 LOCAL_CACHE_BYTES = 256 << 20  # decoded rows of small splits kept between passes, per process
+SETTLE_ROWS = 64  # rows per forward of a pass that may stop early (`rows_right`): how soon it can stop
 
 
 @dataclass
@@ -92,6 +93,32 @@ def predict_outcomes(models: Sequence[nn.Module], batches: Iterable[tuple[Tensor
     return [Outcomes.concat(found) for found in parts]
 
 
+@torch.no_grad()
+def rows_right(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], allowed: int | None = None, device=None,
+               precision: str = "fp32") -> tuple[int, int]:
+    """(rows of `batches` that `model` predicts right, rows read): with `allowed`, the pass stops
+    after the forward (of at most `SETTLE_ROWS` rows) that brings the count past `allowed`, the
+    count then a lower bound if rows were left. A PTN step that misses its target is settled
+    this way without reading the rest of D_f. Predictions as in `predict_outcomes`."""
+    right, read, size, flag = 0, 0, None, model.training
+    model.eval()
+    try:
+        for inputs, labels in batches:
+            rows = inputs.to(device or next(model.parameters()).device)
+            if size is None and len(rows):
+                size = min(SETTLE_ROWS, rows_per_forward(model, rows, EVAL_BATCH))
+            for part, truth in zip(rows.split(size or SETTLE_ROWS), labels.split(size or SETTLE_ROWS)):
+                with autocast_for(precision, rows.device):
+                    logits = logits_of(model(part))
+                right += int((logits.float().argmax(dim=1).cpu() == truth.cpu()).sum())
+                read += len(part)
+                if allowed is not None and right > allowed:
+                    return right, read
+    finally:
+        model.train(flag)
+    return right, read
+
+
 class LocalExecutor:
     """Every pass in this process; rows stream from where they live a block at a time.
 
@@ -110,6 +137,11 @@ class LocalExecutor:
 
     def outcomes(self, models: Sequence[nn.Module], split: Split, normalize: dict | None) -> list[Outcomes]:
         return predict_outcomes(models, self._eval_batches(split, normalize), self.device, self.precision)
+
+    def rows_right(self, model: nn.Module, split: Split, normalize: dict | None,
+                   allowed: int | None = None) -> tuple[int, int]:
+        """(`model`'s rows right on `split`, rows read), stopping once past `allowed` (`rows_right`)."""
+        return rows_right(model, self._eval_batches(split, normalize), allowed, self.device, self.precision)
 
     def importance(self, model: nn.Module, split: Split, kind: str, mode: str, batch_size: int,
                    normalize: dict | None, shuffle: bool = False, seed: int = 0) -> ImportanceSums:

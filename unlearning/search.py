@@ -18,7 +18,8 @@ model). The answer is the first step whose forget-set accuracy is <= the target;
 step 0 the walk goes back below it (`PTNWalk`: doubling, then bisection on the ladder), so the
 answer does not depend on where the schedule starts. Every step depends only on the original
 model and the two importances, so steps can be evaluated in any order or in parallel; the
-in-process loop and the parallel walk drive the same `PTNWalk` and take the same answer.
+in-process loop and the parallel walk drive the same `PTNWalk` and take the same answer. A
+step's pass may stop once it misses every target (`unlearning.settling`): the same decisions.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from torch import Tensor, nn
 
 from unlearning.dampening import adaptive_percentile, dampen_, importance_ratios, lerp
 from unlearning.errors import UserError
+from unlearning.settling import AtLeast
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,12 @@ class Step:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def path_entry(step: Step, accuracy: float) -> dict:
+    """A walk step as reports record it; `stopped_early` marks an `AtLeast` accuracy."""
+    entry = {**step.to_dict(), "forget_acc": float(accuracy)}
+    return {**entry, "stopped_early": True} if isinstance(accuracy, AtLeast) else entry
 
 
 @dataclass
@@ -89,6 +97,7 @@ class PTNConfig:
     poison_rho: float = 0.1  # poison requests' default rho (the paper sweeps 0 ... 0.75)
     max_retain_drop: float = 0.10  # refuse an answer that costs more retained-sample accuracy
     relax_after_drop: float = 0.01  # a rho target costing more retained accuracy is re-sought with slack
+    settle_early: bool = True  # a missed step's pass stops once past every target (AtLeast): same answer
 
     def check(self) -> PTNConfig:
         """This config, or a UserError naming the first bad setting."""
@@ -338,7 +347,7 @@ class Refinement:
         return best, [{**step.to_dict(), "retain_acc": acc, "chosen": step == best} for step, acc in scored]
 
     def path(self) -> list[dict]:
-        return [{**boundary.steps[k].to_dict(), "forget_acc": acc}
+        return [path_entry(boundary.steps[k], acc)
                 for boundary in self.boundaries.values() for k, acc in sorted(boundary.accuracy.items())]
 
 

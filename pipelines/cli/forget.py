@@ -162,6 +162,7 @@ def cmd_history(args) -> int:
         if row["walk"]:
             print(f"version {row['version']} walk:  step  {'alpha':>10}  {'lambda':>8}  forget acc")
             for step in row["walk"]:
+                at_least = ">=" if step.get("stopped_early") else ""  # the pass stopped once past the target
                 print(f"{step['step']:>19}  {step['alpha']:>10.4g}  {step['lambda']:>8.4g}  "
-                      f"{100 * step['forget_acc']:>9.1f}%")
+                      f"{at_least:>2}{100 * step['forget_acc']:>7.1f}%")
     return 0

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from unlearning.heap import keep_freed_memory
-from unlearning.passes import EVAL_BATCH, Outcomes, predict_outcomes
+from unlearning.passes import EVAL_BATCH, Outcomes, predict_outcomes, rows_right
 
 KEEP_BYTES = 512 << 20  # decoded rows an evaluator keeps between passes
 
@@ -87,8 +87,10 @@ class RowEvaluator:
             count -= len(index)
         return given
 
-    def walk(self, key: str, state: list, steps: list) -> list:
-        """PTN steps on the rows kept under `key`: [(step, rows right, rows)] for each step.
+    def walk(self, key: str, state: list, steps: list, allowed: int | None = None) -> list:
+        """PTN steps on the rows kept under `key`: [(step, rows right, rows, rows read)] for each
+        step; a step's pass stops once more than `allowed` rows are right (D_f's budget: with
+        this shard alone past it, the whole of D_f is too).
 
         `state` is [model, (I^D, I^f), D_f's labels] as object-store references, fetched on
         this key's first walk and kept with its rows (a walk is called once per chunk of steps).
@@ -104,8 +106,10 @@ class RowEvaluator:
         model, (full, forget), truth = self.walks[key]
         path = []
         for step in steps:
-            [found] = self._predict([dampened_copy(model, full, forget, step)], self.kept[key])[1]
-            path.append((step, int((found.pred == truth).sum()), len(truth)))
+            batches = _labelled(self.kept[key], truth)
+            right, read = rows_right(dampened_copy(model, full, forget, step), batches, allowed, self.device,
+                                     self.precision)
+            path.append((step, right, len(truth), read))
         return path
 
     def drop(self, key: str) -> None:
@@ -156,6 +160,16 @@ class Stored:
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             inputs = torch.from_numpy(ray.get(self.ref))
         return inputs.permute(0, 3, 1, 2) if self.channels_last else inputs
+
+
+def _labelled(blocks, truth: torch.Tensor):
+    """(inputs, labels) batches over kept blocks whose rows' labels are `truth`, in order."""
+    start = 0
+    for inputs in _tensors(blocks):
+        for first in range(0, len(inputs), EVAL_BATCH):
+            chunk = inputs[first : first + EVAL_BATCH]
+            yield chunk, truth[start : start + len(chunk)]
+            start += len(chunk)
 
 
 def _tensors(blocks):

@@ -118,6 +118,14 @@ class RayExecutor:
         self._record("outcomes", split, len(pool), started, models=len(models))
         return _in_split_order(results, len(split), len(models))
 
+    def rows_right(self, model, split: Split, normalize, allowed: int | None = None) -> tuple[int, int]:
+        """(`model`'s rows right on `split`, rows read) (LocalExecutor.rows_right); a split read
+        on Ray is passed over whole (its rows stream to every evaluator at once): no early stop."""
+        if not self.on_ray(split):
+            return self.local.rows_right(model, split, normalize, allowed)
+        [outcomes] = self.outcomes([model], split, normalize)
+        return int((outcomes.pred == split.labels).sum()), len(split)
+
     def evaluators(self, count: int | None = None, gpu_share: float | None = None) -> list:
         """The evaluator actors: `count` of them (default: the executor's worker count).
 

@@ -245,7 +245,7 @@ def neggrad_plus_method(task: UnlearningTask, epochs: int, lr: float, beta: floa
             # The ascent is unbounded: stop once D_f is forgotten as far as retraining would
             # (a batch at the target triggers the check over all of D_f).
             batch_acc = (forget_logits.argmax(1) == forget_y).double().mean().item()
-            if batch_acc <= target and task.forget_accuracy(model) <= target:
+            if batch_acc <= target and task.forget_accuracy(model, target) <= target:  # stops once past it
                 reached = True
                 break
         if reached:

@@ -7,7 +7,14 @@ from unlearning.errors import UserError
 from unlearning.methods.registry import MethodOutput, register_method
 from unlearning.methods.task import UnlearningTask
 from unlearning.retained import search_with_slack
-from unlearning.search import PTN_DEFAULTS, PTNConfig, PTNWalk, dampened_copy, ptn_search
+from unlearning.search import (
+    PTN_DEFAULTS,
+    PTNConfig,
+    PTNWalk,
+    dampened_copy,
+    path_entry,
+    ptn_search,
+)
 
 
 def _fixed(task: UnlearningTask, kind: str, reference: str, alpha: float, lam: float) -> MethodOutput:
@@ -52,7 +59,8 @@ def potion_step_method(task: UnlearningTask, lam: float) -> MethodOutput:
 
 # The walk's settings a request may override; their defaults live in PTNConfig alone.
 WALK = {key: getattr(PTN_DEFAULTS, key)
-        for key in ("growth", "max_steps", "start_divisor", "walk_back", "refine", "max_retain_drop", "relax_after_drop")}
+        for key in ("growth", "max_steps", "start_divisor", "walk_back", "refine", "max_retain_drop", "relax_after_drop",
+                    "settle_early")}
 PAPER = {"walk_back": False, "refine": False, "relax_after_drop": 1.0}  # the papers' walk: forward from s_0 only
 
 
@@ -70,6 +78,7 @@ def ptn_method(
     refine: bool,
     max_retain_drop: float = PTN_DEFAULTS.max_retain_drop,
     relax_after_drop: float = PTN_DEFAULTS.relax_after_drop,
+    settle_early: bool = PTN_DEFAULTS.settle_early,
 ) -> MethodOutput:
     """PTN-style search: the least aggressive dampening that brings D_f accuracy to the target,
     walking back when the first step already meets it, then refined for retained accuracy; a rho
@@ -77,6 +86,8 @@ def ptn_method(
 
     `start_divisor` sets s_0 = |D_f| / N / start_divisor (default in PTNConfig); larger starts gentler.
     `kind` None: the request's (`UnlearningTask.search_kind`: l2 for a sub-class, else fisher).
+    `settle_early`: a step's pass over D_f stops once it misses every target (the same answer;
+    false gives every step's exact accuracy in the path).
     """
     if reference not in ("full", "retain"):
         raise UserError(f"ptn reference must be 'full' or 'retain', got {reference!r}")
@@ -86,10 +97,14 @@ def ptn_method(
     full = task.importance(reference, kind)
     forget = task.importance("forget", kind)
     config = PTNConfig(growth=growth, max_steps=max_steps, start_divisor=start_divisor, walk_back=walk_back,
-                       refine=refine, max_retain_drop=max_retain_drop, relax_after_drop=relax_after_drop).check()
+                       refine=refine, max_retain_drop=max_retain_drop, relax_after_drop=relax_after_drop,
+                       settle_early=settle_early).check()
+
+    targets = task.search_targets(target, given, rho)
+    ceiling = max(targets) if settle_early else None  # a pass past every target settles its step (AtLeast)
 
     def evaluate(steps):
-        accuracies = [task.forget_accuracy(dampened_copy(task.model, full, forget, step)) for step in steps]
+        accuracies = [task.forget_accuracy(dampened_copy(task.model, full, forget, step), ceiling) for step in steps]
         for step, acc in zip(steps, accuracies):
             if task.progress is not None:
                 task.progress({"step": step.index, "forget_acc": acc})
@@ -104,8 +119,7 @@ def ptn_method(
 
     sample = task.retain_sample(config.retain_sample)
     target, result, chosen, details = search_with_slack(
-        search, task.search_targets(target, given, rho), retain_accuracy, task.accuracy(task.model, sample),
-        len(sample), config,
+        search, targets, retain_accuracy, task.accuracy(task.model, sample), len(sample), config,
     )
     output = _fixed(task, kind, reference, chosen.alpha, chosen.lam)
     output.params.update({"target": target, "rho": rho, "reference": reference, "step": chosen.index})
@@ -113,7 +127,7 @@ def ptn_method(
         {
             "reached": result.reached,
             "schedule_length": len(walks[0].schedule),  # the same for any target
-            "path": [{**step.to_dict(), "forget_acc": acc} for step, acc in result.path],
+            "path": [path_entry(step, acc) for step, acc in result.path],
             **details,
         }
     )
@@ -134,11 +148,12 @@ def ptn_paper_method(task: UnlearningTask, kind: str, reference: str, target: fl
 def potion_method(
     task: UnlearningTask, target: float | None, rho: float | None, growth: float, max_steps: int,
     start_divisor: float, walk_back: bool, refine: bool, max_retain_drop: float, relax_after_drop: float,
+    settle_early: bool,
 ) -> MethodOutput:
     """Potion: l2-norm importance, I^D on D_r, the PTN walk to rho x A_0 (poison), with this
     project's walk back and refinement (`potion_paper` without them)."""
     return ptn_method(task, "l2_norm", "retain", target, rho, growth, max_steps, start_divisor, walk_back, refine,
-                      max_retain_drop, relax_after_drop)
+                      max_retain_drop, relax_after_drop, settle_early)
 
 
 @register_method("potion_paper", target=None, rho=None, growth=PTN_DEFAULTS.growth, max_steps=PTN_DEFAULTS.max_steps,

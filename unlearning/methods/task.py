@@ -13,6 +13,7 @@ from unlearning.data import Dataset, ForgetSet, Split
 from unlearning.data.containers import seeded_sample
 from unlearning.passes import LocalExecutor
 from unlearning.search import Step, dampened_copy
+from unlearning.settling import AtLeast, rows_allowed
 from unlearning.targets import forget_target, request_rho, slack_targets, unseen_accuracy
 from unlearning.training import TrainConfig
 
@@ -178,8 +179,14 @@ class UnlearningTask:
         return functools.cache(lambda step: self.accuracy(dampened_copy(self.model, full_importance,
                                                                         forget_importance, step), sample))
 
-    def forget_accuracy(self, model: nn.Module) -> float:
-        return self.accuracy(model, self.forget_split)
+    def forget_accuracy(self, model: nn.Module, ceiling: float | None = None) -> float:
+        """`model`'s accuracy on D_f; with `ceiling`, the pass stops once the accuracy is past it
+        and gives what it has seen as an `AtLeast` (above the ceiling: the verdict is exact)."""
+        if ceiling is None:
+            return self.accuracy(model, self.forget_split)
+        rows = len(self.forget_split)
+        right, read = self.executor.rows_right(model, self.forget_split, self.normalize, rows_allowed(ceiling, rows))
+        return AtLeast(right / rows) if read < rows else right / rows
 
     def accuracy(self, model: nn.Module, split: Split) -> float:
         """`model`'s accuracy on `split`, in one outcome pass wherever the executor runs it."""
