@@ -392,6 +392,8 @@ CASES = {
     "growth below 1": (lambda ws: forget(ws, "--param", "growth=0.5"), "growth"),
     "start_divisor zero": (lambda ws: forget(ws, "--param", "start_divisor=0"), "start_divisor"),
     "walk_back not a boolean": (lambda ws: forget(ws, "--param", "walk_back=yes"), "walk_back must be true or false"),
+    "settle_early not a boolean": (lambda ws: forget(ws, "--param", "settle_early=2"),
+                                   "settle_early must be true or false"),
     "jit trust zero": (lambda ws: forget(ws, "--method", "jit", "--param", "trust=0"), "trust"),
     "refine on ptn_paper": (lambda ws: forget(ws, "--method", "ptn_paper", "--param", "refine=true"), "refine"),
     "unknown parameter": (lambda ws: forget(ws, "--param", "wings=2"), "wings"),

@@ -149,6 +149,7 @@ def test_search_command_with_tpe_logs_each_trial_as_a_nested_run(tmp_path, capsy
 @pytest.mark.parametrize("text, message", [
     ("search: ptn\nchunks: 3\n", "unknown setting 'chunks'"),
     ("search: ptn\nrefine: 2\n", "refine must be true or false, got 2"),
+    ("search: ptn\nsettle_early: sometimes\n", "settle_early must be true or false, got 'sometimes'"),
     ("search: ptn\nmax_retain_drop: 2\n", "max_retain_drop must be in [0, 1], got 2"),
 ])
 def test_bad_search_config_is_refused(tmp_path, capsys, digits_checkpoint, text, message):
