@@ -43,7 +43,7 @@ from unlearning.search import (
     path_entry,
     ptn_search,
 )
-from unlearning.settling import AtLeast, rows_allowed
+from unlearning.settling import AtLeast, rows_allowed, search_ceiling
 
 PTN_METRIC = "forget_acc"
 
@@ -206,7 +206,8 @@ def parallel_ptn(
     trials = []
     walk_config = config.walk()
     # a pass past every target settles its step: each actor stops once its shard alone is past D_f's budget
-    allowed = rows_allowed(max(targets), len(split)) if walk_config.settle_early else None
+    ceiling = search_ceiling(targets, walk_config.settle_early)
+    allowed = None if ceiling is None else rows_allowed(ceiling, len(split))
 
     def evaluate(steps: list[Step]) -> list[float]:
         answers = ray.get([actor.walk.remote(key, state, steps, allowed) for actor in pool])

@@ -19,6 +19,7 @@ importance passes are float32 always (docs/implementation-notes.md, "Inference p
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,29 +68,41 @@ def outcomes_of_logits(logits: Tensor) -> Outcomes:
     return Outcomes(logits.argmax(dim=1).cpu(), torch.where(finite, scores, torch.nan).cpu())
 
 
+@contextmanager
+def _evaluating(models: Sequence[nn.Module]):
+    """The models in eval mode, their training flags restored afterwards."""
+    flags = [m.training for m in models]
+    for model in models:
+        model.eval()
+    try:
+        yield
+    finally:
+        for model, flag in zip(models, flags):
+            model.train(flag)
+
+
+def _forwards(model: nn.Module, rows: Tensor, size: int, precision: str):
+    """`model`'s logits over `rows`, `size` rows a forward, each forward in `precision`."""
+    for part in rows.split(size):
+        with autocast_for(precision, rows.device):
+            yield logits_of(model(part))
+
+
 @torch.no_grad()
 def predict_outcomes(models: Sequence[nn.Module], batches: Iterable[tuple[Tensor, Tensor]], device=None,
                      precision: str = "fp32") -> list[Outcomes]:
     """Each model's `Outcomes` over `batches` (eval mode; training flags restored), its forward
     passes in `precision` (`PRECISIONS`); entropies are computed from float32 logits either way."""
-    flags = [m.training for m in models]
-    for model in models:
-        model.eval()
     parts: list[list[Outcomes]] = [[] for _ in models]
     sizes: dict[int, int] = {}  # rows per forward, per model, measured on its first rows
-    try:
+    with _evaluating(models):
         for inputs, _ in batches:
             for i, (model, found) in enumerate(zip(models, parts)):
                 rows = inputs.to(device or next(model.parameters()).device)
                 if i not in sizes and len(rows):
                     sizes[i] = rows_per_forward(model, rows, EVAL_BATCH)
-                for part in rows.split(sizes.get(i, EVAL_BATCH)):
-                    with autocast_for(precision, rows.device):
-                        logits = logits_of(model(part))
-                    found.append(outcomes_of_logits(logits))
-    finally:
-        for model, flag in zip(models, flags):
-            model.train(flag)
+                found.extend(outcomes_of_logits(logits) for logits in _forwards(model, rows, sizes.get(i, EVAL_BATCH),
+                                                                                  precision))
     return [Outcomes.concat(found) for found in parts]
 
 
@@ -100,22 +113,18 @@ def rows_right(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], allow
     after the forward (of at most `SETTLE_ROWS` rows) that brings the count past `allowed`, the
     count then a lower bound if rows were left. A PTN step that misses its target is settled
     this way without reading the rest of D_f. Predictions as in `predict_outcomes`."""
-    right, read, size, flag = 0, 0, None, model.training
-    model.eval()
-    try:
+    right, read, size = 0, 0, None
+    with _evaluating([model]):
         for inputs, labels in batches:
             rows = inputs.to(device or next(model.parameters()).device)
             if size is None and len(rows):
                 size = min(SETTLE_ROWS, rows_per_forward(model, rows, EVAL_BATCH))
-            for part, truth in zip(rows.split(size or SETTLE_ROWS), labels.split(size or SETTLE_ROWS)):
-                with autocast_for(precision, rows.device):
-                    logits = logits_of(model(part))
+            for logits, truth in zip(_forwards(model, rows, size or SETTLE_ROWS, precision),
+                                     labels.split(size or SETTLE_ROWS)):
                 right += int((logits.float().argmax(dim=1).cpu() == truth.cpu()).sum())
-                read += len(part)
+                read += len(truth)
                 if allowed is not None and right > allowed:
                     return right, read
-    finally:
-        model.train(flag)
     return right, read
 
 

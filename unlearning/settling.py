@@ -26,3 +26,9 @@ def rows_allowed(ceiling: float, rows: int) -> int:
     while allowed >= 0 and allowed / rows > ceiling:
         allowed -= 1
     return allowed
+
+
+def search_ceiling(targets: list[float], settle_early: bool) -> float | None:
+    """The accuracy past which a step's pass may stop: the loosest target a request's walks may
+    take (a rho target's slack re-walks with looser ones), or None for full passes."""
+    return max(targets) if settle_early else None

@@ -104,12 +104,13 @@ def ptn_speed(result, task, args, scale, fisher) -> None:
 def sequential_ptn(task, fisher, config) -> tuple[dict, object, float]:
     """(figures, the search result, the target) of the sequential in-process walk."""
     from unlearning.search import PTNWalk, sequential_search
+    from unlearning.settling import search_ceiling
 
     forget_importance = task.importance("forget", "fisher")
     target = task.search_target()  # the request kind's (docs/methods.md#forget-targets)
     started = time.perf_counter()
     walk = PTNWalk(fisher, forget_importance, task.forget_fraction, target, config.walk())
-    ceiling = target if config.settle_early else None  # as the request's walk: a missed step's pass may stop
+    ceiling = search_ceiling([target], config.settle_early)  # as the request's walk: a missed step's pass may stop
     found = sequential_search(task.model, fisher, forget_importance, walk,
                               lambda model: task.forget_accuracy(model, ceiling))
     seconds = time.perf_counter() - started

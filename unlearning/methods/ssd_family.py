@@ -15,6 +15,7 @@ from unlearning.search import (
     path_entry,
     ptn_search,
 )
+from unlearning.settling import search_ceiling
 
 
 def _fixed(task: UnlearningTask, kind: str, reference: str, alpha: float, lam: float) -> MethodOutput:
@@ -101,7 +102,7 @@ def ptn_method(
                        settle_early=settle_early).check()
 
     targets = task.search_targets(target, given, rho)
-    ceiling = max(targets) if settle_early else None  # a pass past every target settles its step (AtLeast)
+    ceiling = search_ceiling(targets, settle_early)  # a pass past every target settles its step (AtLeast)
 
     def evaluate(steps):
         accuracies = [task.forget_accuracy(dampened_copy(task.model, full, forget, step), ceiling) for step in steps]
